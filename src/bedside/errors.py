@@ -1,0 +1,49 @@
+"""Errors that reach a caller. Each carries the HTTP status it maps to, so every layer raises the
+same type and the server turns it into `{"error": "..."}` without guessing."""
+
+from __future__ import annotations
+
+
+class BedsideError(Exception):
+    status = 500
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidInput(BedsideError):
+    status = 400
+
+
+class NotFound(BedsideError):
+    status = 404
+
+
+class MethodNotAllowed(BedsideError):
+    status = 405
+
+
+class TooLarge(BedsideError):
+    status = 413
+
+
+class Overloaded(BedsideError):
+    status = 429
+
+
+class Unavailable(BedsideError):
+    status = 503
+
+
+class ModelLoadError(BedsideError):
+    """A model that cannot be served: bad config, missing or corrupt file, graph mismatch."""
+
+    status = 400
+
+
+class InferenceFailed(BedsideError):
+    """The model itself raised while running a well-formed request."""
+
+    status = 500

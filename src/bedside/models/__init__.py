@@ -1,0 +1,1 @@
+"""Models bedside builds itself: the demo repository, and later the reference clinical models."""

@@ -1,0 +1,1 @@
+"""Operational figures: latency statistics, and later metrics and drift."""

@@ -1,0 +1,84 @@
+"""Per model-version latency statistics over a sliding window.
+
+Recording is one list store and a few integer adds under no lock: the GIL makes each store atomic,
+and a reader that sees a half-updated window is off by one sample, which a percentile tolerates.
+Percentiles are computed only when someone asks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+WINDOW = 4096
+
+
+class LatencyWindow:
+    __slots__ = ("_next", "_ring", "count", "max_ns", "total_ns")
+
+    def __init__(self, size: int = WINDOW) -> None:
+        self._ring = [0] * size
+        self._next = 0
+        self.count = 0
+        self.total_ns = 0
+        self.max_ns = 0
+
+    def record(self, ns: int) -> None:
+        ring = self._ring
+        ring[self._next] = ns
+        self._next = (self._next + 1) % len(ring)
+        self.count += 1
+        self.total_ns += ns
+        if ns > self.max_ns:
+            self.max_ns = ns
+
+    def summary(self) -> dict[str, Any]:
+        n = min(self.count, len(self._ring))
+        if n == 0:
+            return {
+                "count": 0,
+                "window": 0,
+                "mean_ms": None,
+                "p50_ms": None,
+                "p95_ms": None,
+                "p99_ms": None,
+                "max_ms": None,
+            }
+        window = np.asarray(self._ring[:n] if self.count < len(self._ring) else self._ring, dtype=np.float64) / 1e6
+        p50, p95, p99 = np.percentile(window, [50, 95, 99])
+        return {
+            "count": self.count,
+            "window": n,
+            "mean_ms": round(float(window.mean()), 4),
+            "p50_ms": round(float(p50), 4),
+            "p95_ms": round(float(p95), 4),
+            "p99_ms": round(float(p99), 4),
+            "max_ms": round(float(window.max()), 4),
+            "max_ever_ms": round(self.max_ns / 1e6, 4),
+        }
+
+
+class ModelStats:
+    """What one model version has done: requests, failures, and where the time went."""
+
+    __slots__ = ("compute", "executions", "failures", "inferences", "queue", "request")
+
+    def __init__(self) -> None:
+        self.request = LatencyWindow()  # admission to result, as seen inside the server
+        self.queue = LatencyWindow()
+        self.compute = LatencyWindow()
+        self.failures = 0
+        self.inferences = 0  # rows
+        self.executions = 0  # model runs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inference_count": self.inferences,
+            "execution_count": self.executions,
+            "success_count": self.request.count,
+            "failure_count": self.failures,
+            "latency": self.request.summary(),
+            "queue": self.queue.summary(),
+            "compute": self.compute.summary(),
+        }

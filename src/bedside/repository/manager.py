@@ -1,0 +1,158 @@
+"""Load, reload and unload models from the store, keeping a readable state per model version.
+
+A model that fails (bad config, missing or corrupt file, graph mismatch) is marked UNAVAILABLE with
+the reason, and every other model keeps serving. A reload that fails keeps the versions that were
+already serving, so a bad push never takes a working model off the air.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from bedside.errors import BedsideError, ModelLoadError, NotFound
+from bedside.monitoring.latency import ModelStats
+from bedside.repository.config import ModelConfig, check_against_graph, infer_config
+from bedside.repository.store import ModelStore
+from bedside.runtime.session import OnnxModel, graph_io, open_session
+
+log = logging.getLogger("bedside.repository")
+
+
+class State(StrEnum):
+    READY = "READY"
+    LOADING = "LOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNLOADED = "UNLOADED"
+
+
+@dataclass
+class VersionStatus:
+    version: int
+    state: State
+    reason: str = ""
+    model: OnnxModel | None = None
+    stats: ModelStats = field(default_factory=ModelStats)
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    config: ModelConfig | None = None
+    versions: dict[int, VersionStatus] = field(default_factory=dict)
+    state: State = State.UNLOADED
+    reason: str = ""
+
+    def ready_versions(self) -> list[int]:
+        return sorted(v for v, s in self.versions.items() if s.state is State.READY)
+
+
+Attach = Callable[[OnnxModel, ModelStats], None]
+Detach = Callable[[str, int], None]
+
+
+class RepositoryManager:
+    def __init__(self, store: ModelStore, attach: Attach, detach: Detach) -> None:
+        self.store = store
+        self._attach = attach
+        self._detach = detach
+        self._entries: dict[str, ModelEntry] = {}
+        self._lock = threading.Lock()  # one load or unload at a time; reads need no lock
+
+    def load_all(self) -> None:
+        for name in self.store.names():
+            try:
+                self.load(name)
+            except BedsideError as exc:
+                log.warning("model %s is unavailable: %s", name, exc.message)
+
+    def entry(self, name: str) -> ModelEntry:
+        found = self._entries.get(name)
+        if found is None:
+            if name in self.store.names():
+                return ModelEntry(name)
+            raise NotFound(f"unknown model {name!r}")
+        return found
+
+    def entries(self) -> list[ModelEntry]:
+        known = dict(self._entries)
+        for name in self.store.names():
+            known.setdefault(name, ModelEntry(name))
+        return [known[n] for n in sorted(known)]
+
+    def load(self, name: str) -> ModelEntry:
+        with self._lock:
+            old = self._entries.get(name)
+            new = self._build(name)
+            ready = new.ready_versions()
+            if not ready and old is not None and old.ready_versions():
+                raise ModelLoadError(
+                    f"reload of {name!r} failed ({new.reason}); still serving versions {old.ready_versions()}"
+                )
+            for version in ready:
+                status = new.versions[version]
+                if old is not None and version in old.versions:
+                    status.stats = old.versions[version].stats  # a reload keeps the history
+                assert status.model is not None
+                self._attach(status.model, status.stats)
+            if old is not None:
+                for version in old.ready_versions():
+                    if version not in ready:
+                        self._detach(name, version)
+            self._entries[name] = new
+        if not ready:
+            raise ModelLoadError(f"model {name!r} is unavailable: {new.reason}")
+        return new
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            entry = self.entry(name)
+            for version in entry.ready_versions():
+                self._detach(name, version)
+            self._entries[name] = ModelEntry(name, entry.config, state=State.UNLOADED, reason="unloaded")
+
+    def _build(self, name: str) -> ModelEntry:
+        entry = ModelEntry(name, state=State.LOADING)
+        try:
+            entry.config = self.store.config(name)
+            versions = self.store.versions(name)
+            if not versions:
+                raise ModelLoadError(f"no version folders (1/, 2/, ...) under {self.store.folder(name)}")
+            wanted = (
+                entry.config.version_policy if entry.config else infer_config(name, [], []).version_policy
+            ).select(versions)
+            if not wanted:
+                raise ModelLoadError(f"version policy selects none of the versions on disk {versions}")
+        except BedsideError as exc:
+            entry.state, entry.reason = State.UNAVAILABLE, exc.message
+            return entry
+        for version in wanted:
+            entry.versions[version] = self._load_version(entry, version)
+        ready = entry.ready_versions()
+        entry.state = State.READY if ready else State.UNAVAILABLE
+        if not ready:
+            entry.reason = "; ".join(f"v{v}: {s.reason}" for v, s in sorted(entry.versions.items()))
+        return entry
+
+    def _load_version(self, entry: ModelEntry, version: int) -> VersionStatus:
+        try:
+            path = self.store.model_file(entry.name, version)
+            preference = entry.config.execution_providers if entry.config else ("tensorrt", "cuda", "openvino", "cpu")
+            threads = entry.config.threads if entry.config else 0
+            session = open_session(path, threads, preference)
+            inputs, outputs = graph_io(session)
+            config = entry.config or infer_config(entry.name, inputs, outputs)
+            check_against_graph(config, inputs, outputs)
+            if entry.config is None:
+                entry.config = config
+            model = OnnxModel(entry.name, version, path, config, session)
+            model.warm_up()
+        except BedsideError as exc:
+            return VersionStatus(version, State.UNAVAILABLE, exc.message)
+        except Exception as exc:  # warm-up on a broken graph raises ORT's own errors
+            return VersionStatus(version, State.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
+        log.info("loaded %s v%d on %s", entry.name, version, model.provider)
+        return VersionStatus(version, State.READY, model=model)

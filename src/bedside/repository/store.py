@@ -1,0 +1,42 @@
+"""The on-disk layout: `ROOT/<model>/config.toml` and `ROOT/<model>/<version>/model.onnx`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bedside.errors import ModelLoadError, NotFound
+from bedside.repository.config import CONFIG_FILE, ModelConfig, load_config
+
+MODEL_FILE = "model.onnx"
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def folder(self, name: str) -> Path:
+        path = self.root / name
+        # A name must never climb out of the repository ("../etc").
+        if "/" in name or "\\" in name or name in ("", ".", "..") or not path.is_dir():
+            raise NotFound(f"model {name!r} is not in the repository {self.root}")
+        return path
+
+    def config(self, name: str) -> ModelConfig | None:
+        path = self.folder(name) / CONFIG_FILE
+        return load_config(path, name) if path.exists() else None
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(
+            int(p.name) for p in self.folder(name).iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+        )
+
+    def model_file(self, name: str, version: int) -> Path:
+        path = self.folder(name) / str(version) / MODEL_FILE
+        if not path.is_file():
+            raise ModelLoadError(f"version {version} has no {MODEL_FILE} at {path}")
+        return path

@@ -1,0 +1,1 @@
+"""The backend: ONNX Runtime sessions, execution providers, warm-up."""

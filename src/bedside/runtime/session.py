@@ -1,0 +1,99 @@
+"""One ONNX Runtime session per loaded model version."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from bedside.errors import ModelLoadError
+from bedside.protocol.datatypes import ORT_TO_OIP, numpy_dtype
+from bedside.repository.config import GraphTensor, ModelConfig
+from bedside.runtime import providers
+
+# Small models lose more to thread hand-offs than they gain from a second core.
+_SMALL_MODEL_BYTES = 4 << 20
+
+
+def graph_io(session: ort.InferenceSession) -> tuple[list[GraphTensor], list[GraphTensor]]:
+    return [_graph_tensor(a, "input") for a in session.get_inputs()], [
+        _graph_tensor(a, "output") for a in session.get_outputs()
+    ]
+
+
+def _graph_tensor(arg: ort.NodeArg, kind: str) -> GraphTensor:
+    datatype = ORT_TO_OIP.get(arg.type)
+    if datatype is None:
+        raise ModelLoadError(
+            f"graph {kind} {arg.name!r} is {arg.type}, not a tensor bedside can serve "
+            "(for scikit-learn/LightGBM classifiers, export with zipmap disabled)"
+        )
+    shape = None if arg.shape is None else tuple(d if isinstance(d, int) and d > 0 else -1 for d in arg.shape)
+    return GraphTensor(arg.name, datatype, shape)
+
+
+def open_session(path: Path, threads: int, preference: tuple[str, ...]) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = threads or _auto_threads(path)
+    # Spinning threads would steal the cores the event loop and other models need.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers.choose(preference))
+    except Exception as exc:  # ORT raises several types for corrupt or unsupported graphs
+        raise ModelLoadError(f"ONNX Runtime cannot load {path.name}: {_first_line(exc)}") from None
+
+
+def _auto_threads(path: Path) -> int:
+    cores = os.cpu_count() or 1
+    return 1 if path.stat().st_size < _SMALL_MODEL_BYTES else min(cores, 4)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:400]
+
+
+class OnnxModel:
+    """A loaded, validated model version, ready to run."""
+
+    def __init__(self, name: str, version: int, path: Path, config: ModelConfig, session: ort.InferenceSession) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        self.config = config
+        self.session = session
+        self.output_names = [o.name for o in config.outputs]
+        self.provider = session.get_providers()[0]
+
+    def run(self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        names = output_names or self.output_names
+        return dict(zip(names, self.session.run(names, inputs), strict=True))
+
+    def warm_up(self) -> None:
+        spec = self.config.warmup
+        if spec is None:
+            return
+        rng = np.random.default_rng(0)
+        for batch in spec.batch_sizes if self.config.max_batch_size > 0 else (0,):
+            feed = {
+                t.name: _sample(self.config.full_shape(t), t.datatype, batch, spec.fill, rng)
+                for t in self.config.inputs
+            }
+            for _ in range(spec.iterations):
+                self.run(feed)
+
+
+def _sample(shape: tuple[int, ...], datatype: str, batch: int, fill: str, rng: np.random.Generator) -> np.ndarray:
+    dims = [batch if (i == 0 and batch) else (d if d > 0 else 1) for i, d in enumerate(shape)]
+    if datatype == "BYTES":
+        return np.full(dims, "", dtype=object)
+    dtype = numpy_dtype(datatype)
+    if fill == "random" and dtype.kind == "f":
+        return rng.standard_normal(dims).astype(dtype)
+    return np.zeros(dims, dtype=dtype)

@@ -1,0 +1,64 @@
+"""Admission checks of a request against a model's declared inputs, compiled once per model so the
+hot path does dictionary look-ups and integer compares only."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bedside.errors import InvalidInput, TooLarge
+from bedside.protocol.datatypes import numpy_dtype
+from bedside.repository.config import ModelConfig
+
+
+class Signature:
+    def __init__(self, config: ModelConfig) -> None:
+        self.model = config.name
+        self.max_batch = config.max_batch_size
+        self.inputs = {s.name: (numpy_dtype(s.datatype), s.datatype, config.full_shape(s)) for s in config.inputs}
+        self.outputs = frozenset(s.name for s in config.outputs)
+
+    def check(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> int:
+        """Validate and return the batch size (1 for models that do not batch)."""
+        if inputs.keys() != self.inputs.keys():
+            missing = sorted(self.inputs.keys() - inputs.keys())
+            extra = sorted(inputs.keys() - self.inputs.keys())
+            parts = []
+            if missing:
+                parts.append(f"missing inputs {missing}")
+            if extra:
+                parts.append(f"unknown inputs {extra}")
+            raise InvalidInput(f"model {self.model!r}: {'; '.join(parts)}; expected {sorted(self.inputs)}")
+        batch = 1
+        for name, array in inputs.items():
+            dtype, datatype, shape = self.inputs[name]
+            if array.dtype != dtype and not (dtype.kind == "O" and array.dtype.kind in "OUS"):
+                raise InvalidInput(
+                    f"model {self.model!r} input {name!r}: expected datatype {datatype}, got {_oip(array)}"
+                )
+            got = array.shape
+            if len(got) != len(shape) or any(d != -1 and d != g for d, g in zip(shape, got, strict=True)):
+                raise InvalidInput(
+                    f"model {self.model!r} input {name!r}: expected shape {list(shape)} (-1 = any), got {list(got)}"
+                )
+            if self.max_batch:
+                batch = got[0]
+                if batch > self.max_batch:
+                    raise TooLarge(
+                        f"model {self.model!r} input {name!r}: batch of {batch} exceeds max_batch_size {self.max_batch}"
+                    )
+                if batch == 0:
+                    raise InvalidInput(f"model {self.model!r} input {name!r}: batch is empty")
+        if outputs is not None:
+            unknown = [o for o in outputs if o not in self.outputs]
+            if unknown:
+                raise InvalidInput(f"model {self.model!r}: unknown outputs {unknown}; it has {sorted(self.outputs)}")
+        return batch
+
+
+def _oip(array: np.ndarray) -> str:
+    from bedside.protocol.datatypes import oip_datatype
+
+    try:
+        return oip_datatype(array.dtype)
+    except InvalidInput:
+        return str(array.dtype)

@@ -1,0 +1,34 @@
+"""Start the server: one process, one event loop, worker threads per model (no process hop)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import uvicorn
+
+from bedside.engine import Engine
+from bedside.server.app import MAX_BODY_BYTES, App
+
+
+def serve(
+    repository: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    log_level: str = "info",
+) -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = App(Engine(repository), max_body_bytes)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,  # no per-request logging on the hot path
+        log_level=log_level,
+        timeout_keep_alive=30,
+    )
+    uvicorn.Server(config).run()
