@@ -166,8 +166,14 @@ def _tensors(raw: Any, where: str) -> tuple[TensorSpec, ...]:
         raise ModelLoadError(f"{where} must be a non-empty list of tables")
     specs = []
     for item in raw:
-        if not isinstance(item, dict) or set(item) - {"name", "datatype", "shape"}:
-            raise ModelLoadError(f"each entry of {where} takes exactly name, datatype and shape")
+        if not isinstance(item, dict):
+            raise ModelLoadError(f"each entry of {where} must be a table")
+        stray = set(item) - {"name", "datatype", "shape"}
+        if stray:
+            raise ModelLoadError(
+                f"{where} {item.get('name', '?')!r} has unknown keys {', '.join(sorted(stray))}; an entry takes "
+                "name, datatype and shape (model-wide keys go above the first [[inputs]] table)"
+            )
         name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
         if not isinstance(name, str) or not name:
             raise ModelLoadError(f"an entry of {where} has no name")

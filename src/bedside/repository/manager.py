@@ -84,6 +84,7 @@ class RepositoryManager:
         return [known[n] for n in sorted(known)]
 
     def load(self, name: str) -> ModelEntry:
+        self.store.folder(name)  # NotFound for a name that is not in the repository
         with self._lock:
             old = self._entries.get(name)
             new = self._build(name)

@@ -1,0 +1,71 @@
+"""Tiny ONNX graphs built in the tests, so each case owns exactly the model it needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+ALL_TYPES = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def _save(graph: onnx.GraphProto, path: Path, opset: int = 17) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def scale_model(path: Path, width: int = 4, factor: float = 2.0, batch: str | int = "batch") -> Path:
+    """y = x * factor, x: FP32 [batch, width]."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, width])
+    k = helper.make_tensor("k", TensorProto.FLOAT, [], [factor])
+    node = helper.make_node("Mul", ["x", "k"], ["y"])
+    return _save(helper.make_graph([node], "scale", [x], [y], [k]), path)
+
+
+def all_types_model(path: Path) -> Path:
+    """One Identity per OIP datatype: in_<TYPE> -> out_<TYPE>, shape [batch, 3]."""
+    inputs, outputs, nodes = [], [], []
+    for name, code in ALL_TYPES.items():
+        inputs.append(helper.make_tensor_value_info(f"in_{name}", code, ["batch", 3]))
+        outputs.append(helper.make_tensor_value_info(f"out_{name}", code, ["batch", 3]))
+        nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
+    return _save(helper.make_graph(nodes, "all_types", inputs, outputs), path)
+
+
+def write_config(folder: Path, text: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_text(text, encoding="utf-8")
+
+
+SCALE_CONFIG = """
+max_batch_size = 8
+description = "doubles its input"
+[[inputs]]
+name = "x"
+datatype = "FP32"
+shape = [4]
+[[outputs]]
+name = "y"
+datatype = "FP32"
+shape = [4]
+"""

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bedside.engine import Engine
+from bedside.errors import InvalidInput, ModelLoadError, NotFound, TooLarge, Unavailable
+from bedside.protocol.types import InferRequest
+from tests.models import SCALE_CONFIG, scale_model, write_config
+
+
+def make_repo(root: Path) -> Path:
+    write_config(root / "scale", SCALE_CONFIG)
+    scale_model(root / "scale" / "1" / "model.onnx", factor=2.0)
+    (root / "corrupt" / "1").mkdir(parents=True)
+    (root / "corrupt" / "1" / "model.onnx").write_bytes(b"garbage")
+    (root / "empty").mkdir()
+    write_config(root / "badconfig", "max_batch_size = 'many'")
+    scale_model(root / "badconfig" / "1" / "model.onnx")
+    return root
+
+
+def infer(engine: Engine, name: str, x: np.ndarray, version: str | None = None):
+    async def go():
+        queue = engine.route(name, version)
+        return await engine.infer(queue, InferRequest({"x": x}))
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def engine(tmp_path):
+    eng = Engine(make_repo(tmp_path))
+    eng.start()
+    yield eng
+    eng.close()
+
+
+def states(engine: Engine) -> dict[str, tuple[str, str]]:
+    return {f"{r['name']}/{r.get('version', '-')}": (r["state"], r["reason"]) for r in engine.index()}
+
+
+def test_broken_models_are_unavailable_with_reasons_and_others_serve(engine):
+    rows = states(engine)
+    assert rows["scale/1"] == ("READY", "")
+    assert rows["corrupt/1"][0] == "UNAVAILABLE" and "ONNX Runtime cannot load model.onnx" in rows["corrupt/1"][1]
+    assert rows["empty/-"][0] == "UNAVAILABLE" and "no version folders" in rows["empty/-"][1]
+    assert rows["badconfig/-"][0] == "UNAVAILABLE" and "max_batch_size must be an integer" in rows["badconfig/-"][1]
+    out = infer(engine, "scale", np.ones((2, 4), np.float32))
+    np.testing.assert_array_equal(out.outputs["y"], np.full((2, 4), 2.0, np.float32))
+    with pytest.raises(Unavailable, match="corrupt"):
+        engine.route("corrupt", None)
+    with pytest.raises(NotFound, match="unknown model 'nope'"):
+        engine.route("nope", None)
+
+
+def test_request_checks(engine):
+    with pytest.raises(InvalidInput, match=r"expected shape \[-1, 4\] \(-1 = any\), got \[2, 5\]"):
+        infer(engine, "scale", np.ones((2, 5), np.float32))
+    with pytest.raises(InvalidInput, match="expected datatype FP32, got FP64"):
+        infer(engine, "scale", np.ones((2, 4), np.float64))
+    with pytest.raises(TooLarge, match="batch of 9 exceeds max_batch_size 8"):
+        infer(engine, "scale", np.ones((9, 4), np.float32))
+
+
+def test_new_version_loads_and_latest_wins(engine, tmp_path):
+    scale_model(tmp_path / "scale" / "2" / "model.onnx", factor=3.0)
+    engine.manager.load("scale")  # latest = 1 policy: v2 replaces v1
+    assert infer(engine, "scale", np.ones((1, 4), np.float32)).outputs["y"][0, 0] == 3.0
+    assert infer(engine, "scale", np.ones((1, 4), np.float32)).model_version == "2"
+    with pytest.raises(NotFound, match="no version 1"):
+        engine.route("scale", "1")
+
+
+def test_a_failed_reload_keeps_the_serving_version(engine, tmp_path):
+    (tmp_path / "scale" / "2").mkdir()
+    (tmp_path / "scale" / "2" / "model.onnx").write_bytes(b"truncated download")
+    with pytest.raises(ModelLoadError, match=r"still serving versions \[1\]"):
+        engine.manager.load("scale")
+    assert infer(engine, "scale", np.ones((1, 4), np.float32)).model_version == "1"
+
+
+def test_unload_then_load(engine):
+    engine.manager.unload("scale")
+    with pytest.raises(Unavailable, match="not ready: unloaded"):
+        engine.route("scale", None)
+    engine.manager.load("scale")
+    assert infer(engine, "scale", np.ones((1, 4), np.float32)).outputs["y"][0, 0] == 2.0
+
+
+def test_stats_record_latency(engine):
+    for _ in range(5):
+        infer(engine, "scale", np.ones((3, 4), np.float32))
+    (row,) = engine.statistics("scale", None)["model_stats"]
+    assert row["success_count"] == 5 and row["inference_count"] == 15 and row["execution_count"] == 5
+    lat = row["latency"]
+    assert lat["count"] == 5 and 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
