@@ -80,6 +80,7 @@ def models(
         Path | None,
         typer.Option("--repository", "-r", help="Check a repository folder offline instead of asking a server."),
     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON, for scripts.")] = False,
 ) -> None:
     """List models with their versions and state (READY / UNAVAILABLE and why)."""
     if repository is not None:
@@ -93,6 +94,9 @@ def models(
         from bedside.client import Client
 
         rows = _call(lambda: Client(url).request("POST", "/v2/repository/index", {}))
+    if as_json:
+        typer.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return
     table = Table("model", "version", "state", "provider", "reason")
     for row in rows:
         style = "green" if row.get("state") == "READY" else "red"

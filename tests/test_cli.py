@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from bedside.cli import app
+
+runner = CliRunner()
+
+
+def test_help_texts_describe_each_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("serve", "demo", "models", "infer"):
+        assert command in result.output
+    serve = runner.invoke(app, ["serve", "--help"])
+    assert "--repository" in serve.output and "--port" in serve.output
+
+
+def test_models_checks_a_repository_offline(serving_repo):
+    result = runner.invoke(app, ["models", "--repository", str(serving_repo), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert rows["breast_mass_malignancy"]["state"] == "READY"
+    assert rows["corrupt"]["state"] == "UNAVAILABLE" and "cannot load" in rows["corrupt"]["reason"]
+    table = runner.invoke(app, ["models", "--repository", str(serving_repo)])
+    assert table.exit_code == 0 and "breast_mass_malign" in table.output
+
+
+def test_infer_against_a_running_server(server):
+    result = runner.invoke(
+        app,
+        [
+            "infer",
+            "diabetes_progression",
+            "--url",
+            server.url,
+            "-d",
+            "[[59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.86, 87]]",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["model_name"] == "diabetes_progression" and 100 < doc["outputs"][0]["data"][0] < 300
+
+
+def test_infer_reports_server_errors_without_a_traceback(server):
+    result = runner.invoke(app, ["infer", "nope", "--url", server.url, "-d", "[[1]]"])
+    assert result.exit_code == 1 and "HTTP 404" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["infer", "breast_mass_malignancy", "--url", server.url, "-d", "[[1, 2]]"])
+    assert result.exit_code == 1 and "expected shape" in result.output
