@@ -325,3 +325,30 @@ def test_statistics_report_latency_percentiles(server):
     assert row["queue"]["count"] == row["compute"]["count"] == row["success_count"]
     status, _, data = call(server, "GET", "/v2/models/stats")
     assert status == 200 and len(orjson.loads(data)["model_stats"]) >= 3
+
+
+def test_reloading_one_model_never_fails_requests_to_another(server):
+    import threading
+
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            statuses.append(post_json(server, "/v2/models/breast_mass_malignancy/infer", infer_doc(features()))[0])
+
+    workers = [threading.Thread(target=hammer) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        for _ in range(5):
+            assert post_json(server, "/v2/repository/models/scale/unload", {})[0] == 200
+            assert post_json(server, "/v2/repository/models/scale/load", {})[0] == 200
+            assert (
+                post_json(server, "/v2/repository/models/breast_mass_malignancy/load", {})[0] == 200
+            )  # reload in place
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert statuses and set(statuses) == {200}
