@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bedside import __version__
-from bedside.errors import NotFound, Unavailable
+from bedside.errors import NotFound, Retired, Unavailable
 from bedside.protocol.types import InferRequest, InferResponse
 from bedside.repository.manager import ModelEntry, RepositoryManager, State
 from bedside.repository.store import ModelStore
@@ -49,8 +49,14 @@ class Engine:
             self._explain_missing(name, number)
             raise
 
-    async def infer(self, queue: ModelQueue, request: InferRequest) -> InferResponse:
-        outputs = await queue.submit(request)
+    async def infer(self, queue: ModelQueue, request: InferRequest, version: str | None = None) -> InferResponse:
+        try:
+            future = queue.submit(request)
+        except Retired:
+            # reloaded while this request's body was read: the new queue (or a clear error) takes it
+            queue = self.route(queue.model.name, version)
+            future = queue.submit(request)
+        outputs = await future
         return InferResponse(queue.model.name, str(queue.model.version), outputs, request.id)
 
     def _explain_missing(self, name: str, version: int | None) -> None:
@@ -135,7 +141,7 @@ class Engine:
             for v, status in sorted(entry.versions.items()):
                 if number is not None and v != number:
                     continue
-                rows.append(
-                    {"name": entry.name, "version": str(v), "state": status.state.value, **status.stats.to_dict()}
-                )
+                row = {"name": entry.name, "version": str(v), "state": status.state.value, **status.stats.to_dict()}
+                row["queue_depth"] = self.scheduler.depth(entry.name, v) or {}
+                rows.append(row)
         return {"model_stats": rows}

@@ -47,3 +47,7 @@ class InferenceFailed(BedsideError):
     """The model itself raised while running a well-formed request."""
 
     status = 500
+
+
+class Retired(Unavailable):
+    """The queue was replaced or removed by a reload or unload after the request was routed to it."""

@@ -21,6 +21,7 @@ from bedside.repository.config import ModelConfig, TensorSpec, WarmupSpec
 
 DEMO_STAMP = ".bedside-demo-v1"
 TOLERANCE = 1e-5
+_DEFAULTED = {"threads", "scheduling", "queue_policy", "tenants"}  # left to bedside's defaults
 DISCLAIMER = (
     "**Not for clinical use.** A demonstration model trained on a small public research data set; "
     "it has not been validated prospectively, is not a medical device, and must not inform the "
@@ -61,7 +62,7 @@ def build_demo(path: Path) -> Path:
             folder = staging / built.config.name
             (folder / "1").mkdir(parents=True)
             (folder / "1" / "model.onnx").write_bytes(built.onnx_bytes)
-            doc = {k: v for k, v in built.config.to_dict().items() if k != "threads"}
+            doc = {k: v for k, v in built.config.to_dict().items() if k not in _DEFAULTED}
             (folder / "config.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
             (folder / "MODEL_CARD.md").write_text(built.card, encoding="utf-8")
         (staging / DEMO_STAMP).write_text("built by bedside demo\n", encoding="utf-8")

@@ -1,12 +1,14 @@
-"""Per model-version latency statistics over a sliding window.
+"""Per model-version statistics: latency over a sliding window, where the time went, batch sizes,
+rejections, and the same per tenant.
 
-Recording is one list store and a few integer adds under no lock: the GIL makes each store atomic,
+Recording is a list store and a few integer adds under no lock: each store is atomic under the GIL,
 and a reader that sees a half-updated window is off by one sample, which a percentile tolerates.
 Percentiles are computed only when someone asks.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -45,7 +47,7 @@ class LatencyWindow:
                 "p99_ms": None,
                 "max_ms": None,
             }
-        window = np.asarray(self._ring[:n] if self.count < len(self._ring) else self._ring, dtype=np.float64) / 1e6
+        window = np.asarray(self._ring[:n], dtype=np.float64) / 1e6
         p50, p95, p99 = np.percentile(window, [50, 95, 99])
         return {
             "count": self.count,
@@ -59,10 +61,28 @@ class LatencyWindow:
         }
 
 
-class ModelStats:
-    """What one model version has done: requests, failures, and where the time went."""
+class TenantStats:
+    __slots__ = ("latency", "rejected")
 
-    __slots__ = ("compute", "executions", "failures", "inferences", "queue", "request")
+    def __init__(self) -> None:
+        self.latency = LatencyWindow(1024)
+        self.rejected = 0
+
+
+class ModelStats:
+    """What one model version has done: requests, failures, rejections, and where the time went."""
+
+    __slots__ = (
+        "batch_sizes",
+        "compute",
+        "executions",
+        "failures",
+        "inferences",
+        "queue",
+        "rejected",
+        "request",
+        "tenants",
+    )
 
     def __init__(self) -> None:
         self.request = LatencyWindow()  # admission to result, as seen inside the server
@@ -71,6 +91,30 @@ class ModelStats:
         self.failures = 0
         self.inferences = 0  # rows
         self.executions = 0  # model runs
+        self.batch_sizes: Counter[int] = Counter()  # rows per execution
+        self.rejected: Counter[str] = Counter()
+        self.tenants: dict[str, TenantStats] = {}
+
+    def _tenant(self, name: str) -> TenantStats:
+        found = self.tenants.get(name)
+        if found is None:
+            found = self.tenants[name] = TenantStats()
+        return found
+
+    def record_execution(self, requests: int, rows: int, compute_ns: int) -> None:
+        self.executions += 1
+        self.inferences += rows
+        self.batch_sizes[rows] += 1
+
+    def record_request(self, tenant: str, queue_ns: int, compute_ns: int, total_ns: int) -> None:
+        self.queue.record(queue_ns)
+        self.compute.record(compute_ns)
+        self.request.record(total_ns)
+        self._tenant(tenant).latency.record(total_ns)
+
+    def reject(self, tenant: str, reason: str) -> None:
+        self.rejected[reason] += 1
+        self._tenant(tenant).rejected += 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,7 +122,13 @@ class ModelStats:
             "execution_count": self.executions,
             "success_count": self.request.count,
             "failure_count": self.failures,
+            "rejected": dict(self.rejected),
             "latency": self.request.summary(),
             "queue": self.queue.summary(),
             "compute": self.compute.summary(),
+            "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "tenants": {
+                name: {"success_count": t.latency.count, "rejected": t.rejected, "latency": t.latency.summary()}
+                for name, t in sorted(self.tenants.items())
+            },
         }

@@ -21,6 +21,9 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     outputs: list[RequestedOutput] | None = None  # None: every output of the model
     binary_output: bool = False
+    priority: int | str | None = None  # 1 = STAT .. N = routine, or a level name; None: the default
+    tenant: str = "default"
+    timeout_us: int | None = None  # queue deadline; None: the priority level's default
 
     def output_names(self) -> list[str] | None:
         return None if self.outputs is None else [o.name for o in self.outputs]

@@ -14,6 +14,7 @@ from typing import Any
 
 from bedside.errors import ModelLoadError
 from bedside.protocol.datatypes import DATATYPES
+from bedside.scheduler.policy import SchedulingPolicy, parse_policy
 
 CONFIG_FILE = "config.toml"
 PROVIDERS = ("tensorrt", "cuda", "openvino", "cpu")
@@ -75,6 +76,7 @@ class ModelConfig:
     threads: int = 0  # 0: decided from the box and the model size
     execution_providers: tuple[str, ...] = PROVIDERS
     warmup: WarmupSpec | None = field(default_factory=WarmupSpec)
+    scheduling: SchedulingPolicy = field(default_factory=SchedulingPolicy)
     inferred: bool = False
 
     def full_shape(self, spec: TensorSpec) -> tuple[int, ...]:
@@ -95,6 +97,7 @@ class ModelConfig:
         }
         if self.warmup is not None:
             doc["warmup"] = self.warmup.to_dict()
+        doc.update(self.scheduling.to_dict())
         return doc
 
 
@@ -110,6 +113,10 @@ _TOP_KEYS = {
     "inputs",
     "outputs",
     "warmup",
+    "scheduling",
+    "dynamic_batching",
+    "queue_policy",
+    "tenants",
 }
 
 
@@ -151,6 +158,9 @@ def parse_config(doc: dict[str, Any], folder_name: str) -> ModelConfig:
         threads=_int(doc, "threads", 0, minimum=0),
         execution_providers=providers,
         warmup=_warmup(doc.get("warmup", {})),
+        scheduling=parse_policy(
+            doc.get("scheduling"), doc.get("dynamic_batching"), doc.get("queue_policy"), doc.get("tenants")
+        ),
     )
 
 

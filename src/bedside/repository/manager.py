@@ -143,7 +143,8 @@ class RepositoryManager:
             path = self.store.model_file(entry.name, version)
             preference = entry.config.execution_providers if entry.config else ("tensorrt", "cuda", "openvino", "cpu")
             threads = entry.config.threads if entry.config else 0
-            session = open_session(path, threads, preference)
+            instances = entry.config.instances if entry.config else 1
+            session = open_session(path, threads, preference, instances)
             inputs, outputs = graph_io(session)
             config = entry.config or infer_config(entry.name, inputs, outputs)
             check_against_graph(config, inputs, outputs)

@@ -34,12 +34,12 @@ def _graph_tensor(arg: ort.NodeArg, kind: str) -> GraphTensor:
     return GraphTensor(arg.name, datatype, shape)
 
 
-def open_session(path: Path, threads: int, preference: tuple[str, ...]) -> ort.InferenceSession:
+def open_session(path: Path, threads: int, preference: tuple[str, ...], instances: int = 1) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.inter_op_num_threads = 1
-    opts.intra_op_num_threads = threads or _auto_threads(path)
+    opts.intra_op_num_threads = threads or _auto_threads(path, instances)
     # Spinning threads would steal the cores the event loop and other models need.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
@@ -49,9 +49,12 @@ def open_session(path: Path, threads: int, preference: tuple[str, ...]) -> ort.I
         raise ModelLoadError(f"ONNX Runtime cannot load {path.name}: {_first_line(exc)}") from None
 
 
-def _auto_threads(path: Path) -> int:
-    cores = os.cpu_count() or 1
-    return 1 if path.stat().st_size < _SMALL_MODEL_BYTES else min(cores, 4)
+def _auto_threads(path: Path, instances: int) -> int:
+    """Intra-op threads for one instance: the box's cores split among the model's instances, so
+    several instances running at once do not oversubscribe a small box."""
+    if path.stat().st_size < _SMALL_MODEL_BYTES:
+        return 1
+    return max(1, min(4, (os.cpu_count() or 1) // max(1, instances)))
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,88 +1,18 @@
-"""Route each request to a worker thread of its model version and hand the result back to the
-event loop, so inference never blocks the loop and a slow model never blocks a fast one."""
+"""Route each request to the queue of its model version (the newest ready one when no version is
+named). Attach and detach happen on load and unload; detaching lets queued work finish."""
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
-from time import perf_counter_ns
-from typing import Any
 
 import numpy as np
 
-from bedside.errors import InferenceFailed, NotFound
+from bedside.errors import NotFound
 from bedside.monitoring.latency import ModelStats
 from bedside.protocol.types import InferRequest
 from bedside.runtime.session import OnnxModel
-from bedside.runtime.signature import Signature
-
-_STOP = None
-
-
-class ModelQueue:
-    """The queue and worker threads (one per configured instance) of one model version."""
-
-    def __init__(self, model: OnnxModel, stats: ModelStats) -> None:
-        self.model = model
-        self.stats = stats
-        self.signature = Signature(model.config)
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._workers = [
-            threading.Thread(target=self._work, name=f"bedside-{model.name}-v{model.version}-{i}", daemon=True)
-            for i in range(model.config.instances)
-        ]
-        for worker in self._workers:
-            worker.start()
-
-    def submit(self, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
-        names = request.output_names()
-        rows = self.signature.check(request.inputs, names)
-        future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
-        self._jobs.put((request.inputs, names, rows, future, perf_counter_ns()))
-        return future
-
-    def _work(self) -> None:
-        model, stats, jobs = self.model, self.stats, self._jobs
-        while True:
-            job = jobs.get()
-            if job is _STOP:
-                return
-            inputs, names, rows, future, queued_at = job
-            started = perf_counter_ns()
-            try:
-                outputs = model.run(inputs, names)
-            except Exception as exc:  # a model raising on odd values must not kill the worker
-                stats.failures += 1
-                error = InferenceFailed(f"model {model.name!r} v{model.version} failed: {exc}")
-                future.get_loop().call_soon_threadsafe(_settle_error, future, error)
-                continue
-            done = perf_counter_ns()
-            stats.queue.record(started - queued_at)
-            stats.compute.record(done - started)
-            stats.request.record(done - queued_at)
-            stats.inferences += rows
-            stats.executions += 1
-            future.get_loop().call_soon_threadsafe(_settle, future, outputs)
-
-    def close(self) -> None:
-        """Let queued work finish, then stop the workers (they exit on the sentinel, in order)."""
-        for _ in self._workers:
-            self._jobs.put(_STOP)
-
-    def join(self, timeout: float | None = None) -> None:
-        for worker in self._workers:
-            worker.join(timeout)
-
-
-def _settle(future: asyncio.Future[Any], value: Any) -> None:
-    if not future.done():  # the caller may have gone away
-        future.set_result(value)
-
-
-def _settle_error(future: asyncio.Future[Any], error: Exception) -> None:
-    if not future.done():
-        future.set_exception(error)
+from bedside.scheduler.worker import ModelQueue
 
 
 class Scheduler:
@@ -119,6 +49,10 @@ class Scheduler:
         if found is None:
             raise NotFound(f"model {name!r} version {version or 'latest'} is not being served")
         return found
+
+    def depth(self, name: str, version: int) -> dict[str, int] | None:
+        found = self._queues.get((name, version))
+        return None if found is None else found.depth()
 
     def submit(self, name: str, version: int | None, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
         return self.lookup(name, version).submit(request)

@@ -141,7 +141,7 @@ class App:
     async def _infer(self, scope: dict[str, Any], receive: Any, name: str, version: str | None) -> Response:
         queue = self.engine.route(name, version)
         header_length = None
-        encoding = None
+        encoding = tenant = priority = timeout_ms = None
         for key, value in scope["headers"]:
             if key == b"inference-header-content-length":
                 try:
@@ -150,11 +150,27 @@ class App:
                     raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
             elif key == b"content-encoding":
                 encoding = value.decode("latin-1").strip().lower()
+            elif key.startswith(b"x-bedside-"):
+                if key == b"x-bedside-tenant":
+                    tenant = value.decode("latin-1").strip()
+                elif key == b"x-bedside-priority":
+                    priority = value.decode("latin-1").strip()
+                elif key == b"x-bedside-timeout-ms":
+                    timeout_ms = value
         body = await self._read_body(scope, receive)
         if encoding and encoding != "identity":
             body = self._decompress(body, encoding)
         request = decode_request(body, header_length)
-        response = await self.engine.infer(queue, request)
+        if tenant:
+            request.tenant = tenant
+        if priority and request.priority is None:  # a priority in the body is the more specific one
+            request.priority = priority
+        if timeout_ms is not None and request.timeout_us is None:
+            try:
+                request.timeout_us = int(float(timeout_ms) * 1000)
+            except ValueError:
+                raise InvalidInput("X-Bedside-Timeout-Ms must be a number of milliseconds") from None
+        response = await self.engine.infer(queue, request, version)
         payload, binary_header = encode_response(response, request)
         if binary_header is None:
             return Response(200, payload)

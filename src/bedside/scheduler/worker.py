@@ -1,0 +1,146 @@
+"""The worker threads of one model version around its request queue.
+
+The event loop only admits a request (a lock, a few compares, a notify); batching, inference and
+splitting run on the model's own threads, one per configured instance, and each result goes back
+to the loop with call_soon_threadsafe. ONNX Runtime releases the GIL while it computes, so models
+run in parallel with each other and with the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from time import perf_counter_ns
+from typing import Any
+
+import numpy as np
+
+from bedside.errors import BedsideError, InferenceFailed, Retired, Unavailable
+from bedside.monitoring.latency import ModelStats
+from bedside.protocol.types import InferRequest
+from bedside.runtime.session import OnnxModel
+from bedside.runtime.signature import Signature
+from bedside.scheduler.batching import batch_key, merge, split
+from bedside.scheduler.queue import Job, RequestQueue, retry_after
+
+Clock = Callable[[], int]
+
+
+class ModelQueue:
+    def __init__(self, model: OnnxModel, stats: ModelStats, clock: Clock = perf_counter_ns) -> None:
+        self.model = model
+        self.stats = stats
+        self.signature = Signature(model.config)
+        self.policy = model.config.scheduling
+        self.queue = RequestQueue(self.policy, model.config.max_batch_size, model.config.instances)
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._closing = False
+        self._workers = [
+            threading.Thread(target=self._work, name=f"bedside-{model.name}-v{model.version}-{i}", daemon=True)
+            for i in range(model.config.instances)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    def submit(self, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
+        names = request.output_names()
+        rows = self.signature.check(request.inputs, names)
+        level = self.policy.level_of(request.priority, request.tenant)
+        future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
+        key = batch_key(request.tenant, request.inputs, names)
+        job = Job(request.inputs, names, rows, key, request.tenant, level, 0, future=future)
+        with self._cond:
+            if self._closing:
+                raise Retired(f"model {self.model.name!r} v{self.model.version} is being unloaded")
+            job.enqueued = self._clock()
+            try:
+                self.queue.admit(job, job.enqueued, request.timeout_us)
+            except BedsideError as exc:
+                self.stats.reject(request.tenant, type(exc).__name__)
+                raise
+            self._cond.notify()
+        return future
+
+    def _work(self) -> None:
+        cond, queue, clock = self._cond, self.queue, self._clock
+        while True:
+            with cond:
+                while True:
+                    batch, expired, wait = queue.take(clock())
+                    if expired:
+                        self._expire(expired)
+                    if batch:
+                        break
+                    if self._closing and not len(queue):
+                        return
+                    cond.wait(None if wait is None else wait / 1e9)
+            self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        model, stats, clock = self.model, self.stats, self._clock
+        started = clock()
+        try:
+            outputs = model.run(merge([j.inputs for j in batch]), batch[0].outputs)
+            parts = split(outputs, [j.rows for j in batch])
+        except Exception as exc:  # a model raising on odd values must not kill the worker
+            error = (
+                exc
+                if isinstance(exc, InferenceFailed)
+                else InferenceFailed(f"model {model.name!r} v{model.version} failed: {exc}")
+            )
+            with self._cond:
+                self.queue.done(batch)
+            for job in batch:
+                stats.failures += 1
+                _post(job.future, _settle_error, error)
+            return
+        done = clock()
+        with self._cond:
+            self.queue.done(batch, done - started)
+        stats.record_execution(len(batch), sum(j.rows for j in batch), done - started)
+        for job, result in zip(batch, parts, strict=True):
+            stats.record_request(job.tenant, started - job.enqueued, done - started, done - job.enqueued)
+            _post(job.future, _settle, result)
+
+    def _expire(self, jobs: list[Job]) -> None:
+        now = self._clock()
+        for job in jobs:
+            waited = (now - job.enqueued) / 1e6
+            self.stats.reject(job.tenant, "DeadlineExceeded")
+            error = Unavailable(
+                f"deadline exceeded after {waited:.1f} ms in the queue of {self.model.name!r} at priority "
+                f"{job.level + 1}; the request was not run",
+                retry_after(self.queue.exec_ewma_ns),
+            )
+            _post(job.future, _settle_error, error)
+
+    def depth(self) -> dict[str, int]:
+        with self._cond:
+            return self.queue.depth()
+
+    def close(self) -> None:
+        """Stop taking requests; the workers finish what is queued, then exit."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+
+    def join(self, timeout: float | None = None) -> None:
+        for worker in self._workers:
+            worker.join(timeout)
+
+
+def _post(future: Any, fn: Callable[[Any, Any], None], value: Any) -> None:
+    if future is not None:
+        future.get_loop().call_soon_threadsafe(fn, future, value)
+
+
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():  # the caller may have gone away
+        future.set_result(value)
+
+
+def _settle_error(future: asyncio.Future[Any], error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
