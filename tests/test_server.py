@@ -352,3 +352,34 @@ def test_reloading_one_model_never_fails_requests_to_another(server):
         for w in workers:
             w.join()
     assert statuses and set(statuses) == {200}
+
+
+def test_priority_tenant_and_timeout_over_http(server):
+    path = "/v2/models/breast_mass_malignancy/infer"
+    body = orjson.dumps(infer_doc(features()))
+    for headers in ({"X-Bedside-Priority": "stat"}, {"X-Bedside-Priority": "3"}, {"X-Bedside-Timeout-Ms": "250"}):
+        status, _, _ = call(server, "POST", path, body, {"X-Bedside-Tenant": "icu-east", **headers})
+        assert status == 200
+    status, doc = post_json(server, path, infer_doc(features(), parameters={"priority": 1, "timeout": 200_000}))
+    assert status == 200
+    status, _, data = call(server, "POST", path, body, {"X-Bedside-Priority": "whenever"})
+    assert status == 400 and "priority 'whenever' is not a level 1..3" in orjson.loads(data)["error"]
+    status, doc = post_json(server, path, infer_doc(features(), parameters={"priority": 9}))
+    assert status == 400 and "outside 1..3" in doc["error"]
+    status, _, data = call(server, "POST", path, body, {"X-Bedside-Timeout-Ms": "soon"})
+    assert status == 400 and "milliseconds" in orjson.loads(data)["error"]
+
+    status, _, data = call(server, "GET", "/v2/models/breast_mass_malignancy/stats")
+    (row,) = orjson.loads(data)["model_stats"]
+    assert row["tenants"]["icu-east"]["success_count"] == 3
+    assert set(row["queue_depth"]) == {"1", "2", "3", "overdue"}
+    assert sum(row["batch_size_histogram"].values()) == row["execution_count"]
+
+
+def test_config_endpoint_shows_the_scheduling_policy(server):
+    status, _, data = call(server, "GET", "/v2/models/breast_mass_malignancy/config")
+    config = orjson.loads(data)
+    assert status == 200
+    assert config["scheduling"]["priority_levels"] == 3
+    assert config["dynamic_batching"]["enabled"] is True
+    assert [q["level"] for q in config["queue_policy"]] == [1, 2, 3]
