@@ -51,6 +51,11 @@ warmup = { batch_sizes = [1, 4], fill = "random" }
         ("[version_policy]\nlatest = 0", "latest must be a positive integer"),
         ("[version_policy]\nlatest = 1\nall = true", "version_policy takes one of"),
         ("[warmup]\nfill = 'ones'", "warmup.fill"),
+        ("scheduling = { reserved_instances = 1 }", "leaves no instance for routine work"),
+        ("scheduling = { default_priority = 4 }", "above priority_levels"),
+        ("dynamic_batching = { max_queue_delay = 5 }", "dynamic_batching has unknown keys max_queue_delay"),
+        ("tenants = { icu = { share = 0 } }", "tenants.icu.share must be a positive number"),
+        ("[[queue_policy]]\nlevel = 2\ntimeout_action = 'drop'", "timeout_action must be 'reject' or 'delay'"),
     ],
 )
 def test_rejects_bad_configs_with_a_reason(extra, message):

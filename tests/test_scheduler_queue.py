@@ -48,12 +48,30 @@ def test_stat_overtakes_routine_without_batching():
     assert drain_order(q) == [["s1"], ["u1"], ["r1"], ["r2"]]
 
 
-def test_stat_leads_the_next_batch_even_behind_a_full_routine_backlog():
+def test_stat_runs_first_in_a_batch_of_its_own_behind_a_routine_backlog():
     q = RequestQueue(policy(aging_us=0), max_batch=4)
     for i in range(6):
         q.admit(job(f"r{i}"), 0)
     q.admit(job("stat", level=0), 0)
-    assert drain_order(q) == [["stat", "r0", "r1", "r2"], ["r3", "r4", "r5"]]
+    q.admit(job("stat2", level=0), 0)
+    # routine rows would only lengthen the STAT execution, so they wait for the next batch
+    assert drain_order(q) == [["stat", "stat2"], ["r0", "r1", "r2", "r3"], ["r4", "r5"]]
+
+
+def test_a_routine_batch_takes_urgent_work_of_its_tenant_along():
+    q = RequestQueue(policy(aging_us=1000), max_batch=4)
+    q.admit(job("r0"), 0)
+    q.admit(job("u0", level=1), 3 * MS)  # r0 has aged to level 0 by now and leads
+    assert drain_order(q, 3 * MS) == [["r0", "u0"]]
+
+
+def test_a_reserved_instance_takes_stat_work_only():
+    q = RequestQueue(policy(aging_us=0), max_batch=4)
+    q.admit(job("r0"), 0)
+    assert q.take(0, stat_only=True)[0] == []
+    q.admit(job("s0", level=0), 0)
+    assert names(q.take(0, stat_only=True)[0]) == ["s0"]
+    assert names(q.take(0)[0]) == ["r0"]
 
 
 def test_fifo_within_a_level():

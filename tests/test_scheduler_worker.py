@@ -29,8 +29,9 @@ class GatedModel(OnnxModel):
 
     def run(self, inputs, output_names=None):
         self.calls.append(inputs["x"][:, 0].copy())
-        self.entered.set()
-        assert self.gate.wait(10), "test never opened the gate"
+        if inputs["x"][0, 0] < 0:  # only the request that occupies a worker is held
+            self.entered.set()
+            assert self.gate.wait(10), "test never opened the gate"
         return super().run(inputs, output_names)
 
 
@@ -153,4 +154,21 @@ def test_quota_rejections_are_counted_per_tenant(make_model):
 
     asyncio.run(main())
     assert stats.tenants["lab"].rejected == 1 and stats.tenants["lab"].latency.count == 1
+    queue.close()
+
+
+def test_a_reserved_instance_serves_stat_while_routine_work_holds_the_other(make_model):
+    model = make_model("instances = 2\nscheduling = { reserved_instances = 1 }\n")
+    queue = ModelQueue(model, ModelStats())
+
+    async def main():
+        first = await occupy(queue, model)  # the routine instance is now stuck inside the model
+        routine = queue.submit(req(1.0))
+        stat = await queue.submit(req(2.0, priority="stat"))  # completes with the gate still shut
+        assert not routine.done()
+        model.gate.set()
+        await asyncio.gather(first, routine)
+        return stat
+
+    assert asyncio.run(main())["y"][0, 0] == 4.0
     queue.close()

@@ -147,7 +147,7 @@ def parse_config(doc: dict[str, Any], folder_name: str) -> ModelConfig:
     bad = [p for p in providers if p not in PROVIDERS]
     if bad or not providers:
         raise ModelLoadError(f"execution_providers {list(providers)}: each must be one of {', '.join(PROVIDERS)}")
-    return ModelConfig(
+    config = ModelConfig(
         name=name,
         description=str(doc.get("description", "")),
         max_batch_size=max_batch,
@@ -162,6 +162,12 @@ def parse_config(doc: dict[str, Any], folder_name: str) -> ModelConfig:
             doc.get("scheduling"), doc.get("dynamic_batching"), doc.get("queue_policy"), doc.get("tenants")
         ),
     )
+    if config.scheduling.reserved_instances >= config.instances:
+        raise ModelLoadError(
+            f"scheduling.reserved_instances {config.scheduling.reserved_instances} leaves no instance for "
+            f"routine work; raise instances (now {config.instances})"
+        )
+    return config
 
 
 def _int(doc: dict[str, Any], key: str, default: int, minimum: int) -> int:

@@ -43,6 +43,7 @@ class SchedulingPolicy:
     priority_levels: int = 3
     default_priority: int = 3
     aging_us: int = 1_000_000  # a waiting request climbs one level per this much waiting; 0: never
+    reserved_instances: int = 0  # instances that run only STAT (level 1) work, so STAT never waits behind routine
     levels: tuple[QueuePolicy, ...] = (QueuePolicy(), QueuePolicy(), QueuePolicy())
     batching: BatchingPolicy = field(default_factory=BatchingPolicy)
     tenants: dict[str, TenantPolicy] = field(default_factory=dict)
@@ -91,6 +92,7 @@ class SchedulingPolicy:
                 "priority_levels": self.priority_levels,
                 "default_priority": self.default_priority,
                 "aging_us": self.aging_us,
+                "reserved_instances": self.reserved_instances,
             },
             "dynamic_batching": {
                 "enabled": self.batching.enabled,
@@ -112,7 +114,7 @@ class SchedulingPolicy:
 
 
 def parse_policy(scheduling: Any, batching: Any, queues: Any, tenants: Any) -> SchedulingPolicy:
-    sched = _table(scheduling, "scheduling", {"priority_levels", "default_priority", "aging_us"})
+    sched = _table(scheduling, "scheduling", {"priority_levels", "default_priority", "aging_us", "reserved_instances"})
     levels = _int(sched, "priority_levels", 3, 1, "scheduling")
     default = _int(sched, "default_priority", levels, 1, "scheduling")
     if default > levels:
@@ -149,6 +151,7 @@ def parse_policy(scheduling: Any, batching: Any, queues: Any, tenants: Any) -> S
         priority_levels=levels,
         default_priority=default,
         aging_us=_int(sched, "aging_us", 1_000_000, 0, "scheduling"),
+        reserved_instances=_int(sched, "reserved_instances", 0, 0, "scheduling"),
         levels=tuple(per_level),
         batching=BatchingPolicy(
             enabled=bool(b.get("enabled", True)),

@@ -118,10 +118,11 @@ class RequestQueue:
 
     # --- dispatch ---------------------------------------------------------------------------
 
-    def take(self, now: int) -> tuple[list[Job], list[Job], int | None]:
+    def take(self, now: int, stat_only: bool = False) -> tuple[list[Job], list[Job], int | None]:
         """Return (batch to run, requests rejected for missing their deadline, ns to wait before asking again).
 
         An empty batch with a wait of None means: nothing to do until a new request arrives.
+        `stat_only` is for an instance reserved for STAT work: it starts batches at level 1 only.
         """
         expired = self._sweep(now) if self._with_deadline else []
         best: tuple[int, str] | None = None
@@ -130,6 +131,8 @@ class RequestQueue:
             if lane:
                 head = lane[0]
                 rank = (self._effective_level(lane_key[0], head, now), self._fair_usage(head.tenant), head.seq)
+                if stat_only and (rank[0] > 0 or lane_key[0] > 0):
+                    continue
                 if best_rank is None or rank < best_rank:
                     best, best_rank = lane_key, rank
         if best is None or best_rank is None:
@@ -183,7 +186,13 @@ class RequestQueue:
         if not self.max_batch:
             return [head]
         tenant, key = head.tenant, head.key
-        order = [start, *sorted(k for k, lane in self._lanes.items() if k[1] == tenant and k != start and lane)]
+        # Fill from this level and more urgent ones only: a STAT batch stays small and quick.
+        order = [
+            start,
+            *sorted(
+                k for k, lane in self._lanes.items() if k[1] == tenant and k != start and k[0] <= start[0] and lane
+            ),
+        ]
         batch: list[Job] = []
         rows = 0
         for lane_key in order:

@@ -37,8 +37,12 @@ class ModelQueue:
         self._clock = clock
         self._cond = threading.Condition()
         self._closing = False
+        reserved = self.policy.reserved_instances
+        self._notify_all = reserved > 0  # a STAT-only worker must not swallow the wake-up for routine work
         self._workers = [
-            threading.Thread(target=self._work, name=f"bedside-{model.name}-v{model.version}-{i}", daemon=True)
+            threading.Thread(
+                target=self._work, args=(i < reserved,), name=f"bedside-{model.name}-v{model.version}-{i}", daemon=True
+            )
             for i in range(model.config.instances)
         ]
         for worker in self._workers:
@@ -60,15 +64,18 @@ class ModelQueue:
             except BedsideError as exc:
                 self.stats.reject(request.tenant, type(exc).__name__)
                 raise
-            self._cond.notify()
+            if self._notify_all:
+                self._cond.notify_all()
+            else:
+                self._cond.notify()
         return future
 
-    def _work(self) -> None:
+    def _work(self, stat_only: bool) -> None:
         cond, queue, clock = self._cond, self.queue, self._clock
         while True:
             with cond:
                 while True:
-                    batch, expired, wait = queue.take(clock())
+                    batch, expired, wait = queue.take(clock(), stat_only)
                     if expired:
                         self._expire(expired)
                     if batch:
