@@ -72,31 +72,65 @@ class BlockingClient:
                 return buf[:n]
 
 
-def closed_loop(port: int, request: bytes, concurrency: int, seconds: float) -> tuple[list[float], float]:
-    """`concurrency` connections, each sending its next request when the last one returns."""
+class Outcome:
+    __slots__ = ("latency", "retry_after", "status", "well_formed_error")
 
-    async def worker(lat: list[float], stop: float) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        while time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            writer.write(request)
-            buf = b""
-            while not (n := _response_complete(buf)):
-                chunk = await reader.read(65536)
-                if not chunk:
-                    raise RuntimeError("server closed the connection")
-                buf += chunk
-            if _status(buf) != 200:
-                raise RuntimeError(buf[:n].decode(errors="replace"))
-            lat.append(time.perf_counter() - t0)
-        writer.close()
+    def __init__(self, latency: float, status: int, retry_after: bool, well_formed_error: bool) -> None:
+        self.latency = latency
+        self.status = status
+        self.retry_after = retry_after
+        self.well_formed_error = well_formed_error
 
-    async def main() -> tuple[list[float], float]:
-        lat: list[float] = []
+
+def _outcome(latency: float, response: bytes) -> Outcome:
+    status = _status(response)
+    if status == 200:
+        return Outcome(latency, status, False, True)
+    head, _, body = response.partition(b"\r\n\r\n")
+    try:
+        well_formed = bool(json.loads(body).get("error"))
+    except ValueError:
+        well_formed = False
+    return Outcome(latency, status, b"\r\nretry-after:" in head.lower(), well_formed)
+
+
+async def _connection(port: int, request: bytes, stop: float, out: list[Outcome], pace: float = 0.0) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    next_send = time.perf_counter()
+    while time.perf_counter() < stop:
+        if pace:
+            delay = next_send - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # pacing an open-loop probe, not waiting for a result
+            next_send += pace
+        t0 = time.perf_counter()
+        writer.write(request)
+        buf = b""
+        while not (n := _response_complete(buf)):
+            chunk = await reader.read(65536)
+            if not chunk:
+                raise RuntimeError("server closed the connection")
+            buf += chunk
+        out.append(_outcome(time.perf_counter() - t0, buf[:n]))
+    writer.close()
+
+
+def run_loads(port: int, loads: list[tuple[bytes, int, float]], seconds: float) -> tuple[list[list[Outcome]], float]:
+    """Run several loads at once; each is (request, connections, pace in s: 0 = closed loop)."""
+
+    async def main() -> tuple[list[list[Outcome]], float]:
+        results: list[list[Outcome]] = [[] for _ in loads]
         start = time.perf_counter()
-        await asyncio.gather(*(worker(lat, start + seconds) for _ in range(concurrency)))
-        return lat, time.perf_counter() - start
+        stop = start + seconds
+        await asyncio.gather(
+            *(
+                _connection(port, req, stop, results[i], pace)
+                for i, (req, conns, pace) in enumerate(loads)
+                for _ in range(conns)
+            )
+        )
+        return results, time.perf_counter() - start
 
     try:
         import uvloop
@@ -106,10 +140,26 @@ def closed_loop(port: int, request: bytes, concurrency: int, seconds: float) -> 
         return asyncio.run(main())
 
 
+def closed_loop(port: int, request: bytes, concurrency: int, seconds: float) -> tuple[list[float], float]:
+    """`concurrency` connections, each sending its next request when the last one returns; all must succeed."""
+    (outcomes,), wall = run_loads(port, [(request, concurrency, 0.0)], seconds)
+    failed = [o.status for o in outcomes if o.status != 200]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed, statuses {sorted(set(failed))}")
+    return [o.latency for o in outcomes], wall
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def start_server(repo: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:

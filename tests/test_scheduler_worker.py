@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import tomllib
 
@@ -171,4 +173,14 @@ def test_a_reserved_instance_serves_stat_while_routine_work_holds_the_other(make
         return stat
 
     assert asyncio.run(main())["y"][0, 0] == 4.0
+    queue.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is a Linux feature")
+def test_routine_instances_run_at_lower_os_priority(make_model):
+    model = make_model("instances = 3\nscheduling = { reserved_instances = 1, routine_nice = 7 }\n")
+    queue = ModelQueue(model, ModelStats())
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    nice = [os.getpriority(os.PRIO_PROCESS, t.native_id) for t in queue._workers]
+    assert nice == [base, min(19, base + 7), min(19, base + 7)]  # the STAT instance keeps its priority
     queue.close()

@@ -44,6 +44,9 @@ class SchedulingPolicy:
     default_priority: int = 3
     aging_us: int = 1_000_000  # a waiting request climbs one level per this much waiting; 0: never
     reserved_instances: int = 0  # instances that run only STAT (level 1) work, so STAT never waits behind routine
+    # OS niceness of the other instances' threads (Linux): the kernel then lets STAT and the HTTP loop
+    # preempt routine compute. Takes effect with threads = 1, where all compute runs on bedside's thread.
+    routine_nice: int = 0
     levels: tuple[QueuePolicy, ...] = (QueuePolicy(), QueuePolicy(), QueuePolicy())
     batching: BatchingPolicy = field(default_factory=BatchingPolicy)
     tenants: dict[str, TenantPolicy] = field(default_factory=dict)
@@ -93,6 +96,7 @@ class SchedulingPolicy:
                 "default_priority": self.default_priority,
                 "aging_us": self.aging_us,
                 "reserved_instances": self.reserved_instances,
+                "routine_nice": self.routine_nice,
             },
             "dynamic_batching": {
                 "enabled": self.batching.enabled,
@@ -114,7 +118,11 @@ class SchedulingPolicy:
 
 
 def parse_policy(scheduling: Any, batching: Any, queues: Any, tenants: Any) -> SchedulingPolicy:
-    sched = _table(scheduling, "scheduling", {"priority_levels", "default_priority", "aging_us", "reserved_instances"})
+    sched = _table(
+        scheduling,
+        "scheduling",
+        {"priority_levels", "default_priority", "aging_us", "reserved_instances", "routine_nice"},
+    )
     levels = _int(sched, "priority_levels", 3, 1, "scheduling")
     default = _int(sched, "default_priority", levels, 1, "scheduling")
     if default > levels:
@@ -152,6 +160,7 @@ def parse_policy(scheduling: Any, batching: Any, queues: Any, tenants: Any) -> S
         default_priority=default,
         aging_us=_int(sched, "aging_us", 1_000_000, 0, "scheduling"),
         reserved_instances=_int(sched, "reserved_instances", 0, 0, "scheduling"),
+        routine_nice=_nice(sched),
         levels=tuple(per_level),
         batching=BatchingPolicy(
             enabled=bool(b.get("enabled", True)),
@@ -190,4 +199,11 @@ def _int(doc: dict[str, Any], key: str, default: int, minimum: int, where: str) 
     value = doc.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ModelLoadError(f"{where}.{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _nice(sched: dict[str, Any]) -> int:
+    value = _int(sched, "routine_nice", 0, 0, "scheduling")
+    if value > 19:
+        raise ModelLoadError("scheduling.routine_nice must be 0..19 (a higher value yields more to STAT work)")
     return value

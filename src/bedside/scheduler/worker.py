@@ -9,6 +9,8 @@ run in parallel with each other and with the HTTP layer.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import threading
 from collections.abc import Callable
 from time import perf_counter_ns
@@ -25,6 +27,7 @@ from bedside.scheduler.batching import batch_key, merge, split
 from bedside.scheduler.queue import Job, RequestQueue, retry_after
 
 Clock = Callable[[], int]
+log = logging.getLogger("bedside.scheduler")
 
 
 class ModelQueue:
@@ -45,8 +48,11 @@ class ModelQueue:
             )
             for i in range(model.config.instances)
         ]
+        self._started = threading.Semaphore(0)
         for worker in self._workers:
             worker.start()
+        for _ in self._workers:  # attached only once every worker has set itself up
+            self._started.acquire(timeout=10)
 
     def submit(self, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
         names = request.output_names()
@@ -71,6 +77,9 @@ class ModelQueue:
         return future
 
     def _work(self, stat_only: bool) -> None:
+        if self.policy.routine_nice and not stat_only:
+            _lower_thread_priority(self.policy.routine_nice)
+        self._started.release()
         cond, queue, clock = self._cond, self.queue, self._clock
         while True:
             with cond:
@@ -136,6 +145,15 @@ class ModelQueue:
     def join(self, timeout: float | None = None) -> None:
         for worker in self._workers:
             worker.join(timeout)
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """Renice this thread only: on Linux a thread id passed as PRIO_PROCESS names one thread."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (AttributeError, OSError) as exc:  # not Linux, or not permitted: run at normal priority
+        log.warning("could not lower routine worker priority: %s", exc)
 
 
 def _post(future: Any, fn: Callable[[Any, Any], None], value: Any) -> None:
