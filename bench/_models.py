@@ -16,6 +16,15 @@ LEADS = 12
 CLASSES = 5
 
 
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
 def ecg_cnn(path: Path, samples: int = 1250, channels: tuple[int, ...] = (32, 64, 128, 128), seed: int = 0) -> Path:
     """Conv1d(k7,s2)+ReLU blocks, global average pool, linear head: [N, 12, samples] -> [N, 5]."""
     rng = np.random.default_rng(seed)
@@ -46,12 +55,7 @@ def ecg_cnn(path: Path, samples: int = 1250, channels: tuple[int, ...] = (32, 64
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", CLASSES])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return _save(graph, path)
 
 
 def params(path: Path) -> int:
@@ -91,9 +95,4 @@ def vitals_lstm(path: Path, steps: int = 60, features: int = 8, hidden: int = 12
         [helper.make_tensor_value_info("risk", TensorProto.FLOAT, ["batch", 1])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return _save(graph, path)
