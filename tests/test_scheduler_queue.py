@@ -158,6 +158,18 @@ def test_tenant_quota_holds_and_frees_on_completion():
     q.admit(job("c", tenant="ward"), 0)
 
 
+def test_the_tenant_table_stays_bounded_whatever_names_callers_send():
+    from bedside.scheduler.queue import MAX_TENANTS
+
+    q = RequestQueue(policy(), max_batch=0)
+    for i in range(MAX_TENANTS):
+        q.admit(job(f"j{i}", tenant=f"t{i}"), 0)
+        q.done(q.take(0)[0])
+    with pytest.raises(Overloaded, match="distinct tenants"):
+        q.admit(job("one-too-many", tenant="new"), 0)
+    q.admit(job("known", tenant="t0"), 0)  # tenants already seen keep being served
+
+
 def test_batches_never_mix_tenants():
     q = RequestQueue(policy(), max_batch=8)
     for i in range(12):

@@ -184,3 +184,12 @@ def test_routine_instances_run_at_lower_os_priority(make_model):
     nice = [os.getpriority(os.PRIO_PROCESS, t.native_id) for t in queue._workers]
     assert nice == [base, min(19, base + 7), min(19, base + 7)]  # the STAT instance keeps its priority
     queue.close()
+
+
+def test_per_tenant_statistics_stay_bounded():
+    from bedside.monitoring.latency import MAX_TENANTS, OTHER_TENANTS
+
+    stats = ModelStats()
+    for i in range(MAX_TENANTS + 50):
+        stats.reject(f"t{i}", "Overloaded")
+    assert len(stats.tenants) == MAX_TENANTS and stats.tenants[OTHER_TENANTS].rejected == 51

@@ -366,6 +366,8 @@ def test_priority_tenant_and_timeout_over_http(server):
     assert status == 400 and "priority 'whenever' is not a level 1..3" in orjson.loads(data)["error"]
     status, doc = post_json(server, path, infer_doc(features(), parameters={"priority": 9}))
     assert status == 400 and "outside 1..3" in doc["error"]
+    status, _, data = call(server, "POST", path, body, {"X-Bedside-Tenant": "icu east/../x"})
+    assert status == 400 and "X-Bedside-Tenant must be" in orjson.loads(data)["error"]
     status, _, data = call(server, "POST", path, body, {"X-Bedside-Timeout-Ms": "soon"})
     assert status == 400 and "milliseconds" in orjson.loads(data)["error"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from bedside.errors import InvalidInput, TooLarge
-from bedside.protocol.datatypes import numpy_dtype
+from bedside.protocol.datatypes import numpy_dtype, oip_datatype
 from bedside.repository.config import ModelConfig
 
 
@@ -56,8 +56,6 @@ class Signature:
 
 
 def _oip(array: np.ndarray) -> str:
-    from bedside.protocol.datatypes import oip_datatype
-
     try:
         return oip_datatype(array.dtype)
     except InvalidInput:

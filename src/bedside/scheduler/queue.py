@@ -23,6 +23,7 @@ from bedside.errors import InvalidInput, Overloaded, Unavailable
 from bedside.scheduler.policy import SchedulingPolicy
 
 SCAN_LIMIT = 256  # jobs looked at per lane when filling a batch: bounds the work under a deep queue
+MAX_TENANTS = 1024  # distinct tenant names one model tracks: names come from callers, memory must not
 _EWMA = 0.2
 
 
@@ -74,6 +75,10 @@ class RequestQueue:
                 f"tenant {job.tenant!r} already has {in_flight} requests in flight on this model, "
                 f"its quota (max_in_flight); retry when some complete",
                 retry_after(self.exec_ewma_ns),
+            )
+        if job.tenant not in self._served and len(self._served) >= MAX_TENANTS:
+            raise Overloaded(
+                f"this model already serves {MAX_TENANTS} distinct tenants; tenant {job.tenant!r} is refused"
             )
         if self._waiting[job.level] >= level_policy.max_queue_size:
             raise Overloaded(
@@ -130,7 +135,7 @@ class RequestQueue:
         for lane_key, lane in self._lanes.items():
             if lane:
                 head = lane[0]
-                rank = (self._effective_level(lane_key[0], head, now), self._fair_usage(head.tenant), head.seq)
+                rank = (self._effective_level(lane_key[0], head, now), self._served[head.tenant], head.seq)
                 if stat_only and (rank[0] > 0 or lane_key[0] > 0):
                     continue
                 if best_rank is None or rank < best_rank:
@@ -177,9 +182,6 @@ class RequestQueue:
         if lane_level == self.levels or not self._aging:
             return lane_level
         return max(0, lane_level - (now - head.enqueued) // self._aging)
-
-    def _fair_usage(self, tenant: str) -> float:
-        return self._served[tenant]
 
     def _fill(self, start: tuple[int, str]) -> list[Job]:
         head = self._lanes[start][0]

@@ -3,14 +3,10 @@ named). Attach and detach happen on load and unload; detaching lets queued work 
 
 from __future__ import annotations
 
-import asyncio
 import threading
-
-import numpy as np
 
 from bedside.errors import NotFound
 from bedside.monitoring.latency import ModelStats
-from bedside.protocol.types import InferRequest
 from bedside.runtime.session import OnnxModel
 from bedside.scheduler.worker import ModelQueue
 
@@ -53,9 +49,6 @@ class Scheduler:
     def depth(self, name: str, version: int) -> dict[str, int] | None:
         found = self._queues.get((name, version))
         return None if found is None else found.depth()
-
-    def submit(self, name: str, version: int | None, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
-        return self.lookup(name, version).submit(request)
 
     def close(self) -> None:
         with self._lock:

@@ -115,7 +115,7 @@ class ModelQueue:
         done = clock()
         with self._cond:
             self.queue.done(batch, done - started)
-        stats.record_execution(len(batch), sum(j.rows for j in batch), done - started)
+        stats.record_execution(sum(j.rows for j in batch))
         for job, result in zip(batch, parts, strict=True):
             stats.record_request(job.tenant, started - job.enqueued, done - started, done - job.enqueued)
             _post(job.future, _settle, result)

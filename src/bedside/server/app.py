@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import zlib
 from typing import Any
 
@@ -21,6 +22,7 @@ from bedside.protocol.codec import decode_request, encode_response
 log = logging.getLogger("bedside.server")
 
 MAX_BODY_BYTES = 64 << 20
+_TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _JSON = [(b"content-type", b"application/json")]
 _OCTET = b"application/octet-stream"
 
@@ -162,6 +164,8 @@ class App:
             body = self._decompress(body, encoding)
         request = decode_request(body, header_length)
         if tenant:
+            if not _TENANT.fullmatch(tenant):
+                raise InvalidInput("X-Bedside-Tenant must be 1-64 letters, digits, '.', '_' or '-'")
             request.tenant = tenant
         if priority and request.priority is None:  # a priority in the body is the more specific one
             request.priority = priority
