@@ -147,6 +147,158 @@ def infer(
     console.print_json(orjson.dumps(result).decode())
 
 
+@app.command()
+def export(
+    name: Annotated[str, typer.Argument(help="Model name in the repository (a new version is added).")],
+    repository: Annotated[Path, typer.Option("--repository", "-r", help="Model repository to write into.")],
+    model_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A pickled scikit-learn / LightGBM / XGBoost model, or a whole PyTorch module saved with torch.save."
+        ),
+    ] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="Or one of bedside's reference architectures, e.g. ecg_cnn.")
+    ] = None,
+    sample: Annotated[Path | None, typer.Option(help="Sample inputs (.npy), used for the numerical check.")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    tolerance: Annotated[float, typer.Option(help="Largest allowed |ONNX - source| on the sample outputs.")] = 1e-5,
+) -> None:
+    """Export a model to ONNX, check it against the source model, and publish it as a new version."""
+    from bedside.errors import BedsideError
+    from bedside.pipeline.workflow import export_to_repository
+
+    if (model_file is None) == (reference is None):
+        console.print("[red]give exactly one of --model-file or --reference[/red]")
+        raise typer.Exit(2)
+    if reference is not None:
+        from bedside.models.reference import build
+
+        model = build(reference)
+        x = np.load(sample) if sample else _reference_sample(reference)
+    else:
+        if sample is None:
+            console.print("[red]--sample is required with --model-file[/red]")
+            raise typer.Exit(2)
+        model, x = _load_model(model_file), np.load(sample)  # type: ignore[arg-type]
+    try:
+        path, result = export_to_repository(repository, name, model, x, opset=opset, tolerance=tolerance)
+    except BedsideError as exc:
+        console.print(f"[red]export failed: {exc.message}[/red]")
+        raise typer.Exit(1) from None
+    console.print(
+        f"exported {result.framework} model to [bold]{path}[/bold]; max |diff| per output: {result.max_abs_diff}"
+    )
+
+
+def _reference_sample(name: str) -> np.ndarray:
+    shapes = {
+        "ecg_cnn": (2, 12, 1250),
+        "vitals_lstm": (2, 60, 8),
+        "resnet18": (1, 3, 224, 224),
+        "efficientnet_b0": (1, 3, 224, 224),
+    }
+    if name not in shapes:
+        raise typer.BadParameter(f"give --sample for {name}")
+    return np.random.default_rng(0).standard_normal(shapes[name]).astype(np.float32)
+
+
+def _load_model(path: Path):  # type: ignore[no-untyped-def]
+    if path.suffix in (".pt", ".pth"):
+        import torch
+
+        return torch.load(path, weights_only=False)  # a whole module: only load files you trust
+    import pickle
+
+    with path.open("rb") as fh:
+        return pickle.load(fh)
+
+
+@app.command()
+def optimize(
+    name: Annotated[str, typer.Argument(help="Model name in the repository.")],
+    repository: Annotated[Path, typer.Option("--repository", "-r", help="Model repository.")],
+    method: Annotated[str, typer.Option(help="int8-static, int8-dynamic, fp16 or graph.")],
+    eval_data: Annotated[
+        Path, typer.Option("--eval", help="Held-out data (.npz): one array per model input, and `y` labels.")
+    ],
+    calibration: Annotated[
+        Path | None, typer.Option(help="Calibration inputs (.npz, one array per input) for int8-static.")
+    ] = None,
+    metric: Annotated[
+        str, typer.Option(help="auroc, accuracy, f1, or agreement (with the FP32 model, no labels).")
+    ] = "auroc",
+    tolerance_pp: Annotated[float, typer.Option(help="Largest allowed metric drop, in percentage points.")] = 1.0,
+) -> None:
+    """Optimize the latest version; publish it as a new version only if it passes the accuracy gate."""
+    from bedside.errors import BedsideError
+    from bedside.pipeline.gate import AccuracyGateFailed
+    from bedside.pipeline.workflow import optimize_version
+
+    held_out = dict(np.load(eval_data))
+    labels = held_out.pop("y", None)
+    calib = dict(np.load(calibration)) if calibration else None
+    try:
+        path, report = optimize_version(repository, name, method, held_out, labels, metric, tolerance_pp, calib)
+    except AccuracyGateFailed as exc:
+        console.print(f"[red]{exc.message}[/red]\nthe report is saved under {repository / name / 'refused'}")
+        raise typer.Exit(1) from None
+    except BedsideError as exc:
+        console.print(f"[red]optimize failed: {exc.message}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"[green]{report.summary()}[/green]\npublished as [bold]{path}[/bold] (report.json beside it)")
+
+
+@app.command()
+def bench(
+    models: Annotated[
+        str, typer.Option(help="Comma-separated reference models.")
+    ] = "gbm,ecg_cnn,vitals_lstm,resnet18,efficientnet_b0,ner_bert",
+    out: Annotated[Path, typer.Option(help="Where to write reference_models.json and .png.")] = Path("bench/results"),
+    seconds: Annotated[float, typer.Option(help="Timing per model and precision.")] = 3.0,
+    quick: Annotated[bool, typer.Option(help="Smaller training and calibration sets (for a smoke run).")] = False,
+) -> None:
+    """Benchmark the reference clinical models (FP32 and INT8, batch 1) against published edge figures."""
+    from rich.progress import Progress
+
+    from bedside.pipeline.benchmark import run
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    with Progress(console=console) as progress:
+        task = progress.add_task("reference models", total=len(names) * 2)
+
+        def step(message: str) -> None:
+            progress.update(task, advance=1, description=message)
+
+        doc = run(names, out, seconds, quick, step)
+    columns = [
+        "model",
+        "weights",
+        "fp32_size_mb",
+        "fp32_p50_ms",
+        "fp32_p95_ms",
+        "fp32_p99_ms",
+        "int8_method",
+        "int8_size_mb",
+        "int8_p50_ms",
+        "int8_p95_ms",
+        "int8_p99_ms",
+        "int8_speedup_p50",
+        "gate_metric",
+        "gate_fp32",
+        "gate_int8",
+        "gate_passed",
+        "target_p95_ms",
+        "jetson_orin_nano_p95_ms",
+        "raspberry_pi5_p95_ms",
+    ]
+    table = Table(*columns, title="reference models, batch 1, this box's CPU")
+    for row in doc["rows"]:
+        table.add_row(*(str(row.get(c, "-")) for c in columns))
+    console.print(table)
+    console.print(f"written {out / 'reference_models.json'} and {out / 'reference_models.png'}")
+
+
 def _call(fn):  # type: ignore[no-untyped-def]
     from bedside.client import ServerError
 
