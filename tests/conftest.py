@@ -110,3 +110,19 @@ def server(serving_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     except subprocess.TimeoutExpired:
         srv.process.kill()
     assert srv.process.returncode is not None
+
+
+@pytest.fixture
+def serving_factory(tmp_path_factory: pytest.TempPathFactory):
+    """Start a server on a repository a test has just built; stopped when the test ends."""
+    started: list[Server] = []
+
+    def start(repo: Path) -> Server:
+        srv = start_server(repo, tmp_path_factory.mktemp("log") / "server.log")
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.process.terminate()
+        srv.process.wait(10)

@@ -183,9 +183,13 @@ def run(
                 "raspberry_pi5_p95_ms": EDGE[name][1],
                 "target_p95_ms": TARGET_P95_MS.get(name),
             }
+            if progress:
+                progress(
+                    f"{name}: {prepared.int8} and accuracy gate"
+                    if prepared.int8
+                    else f"{name}: no INT8 for tree ensembles"
+                )
             if prepared.int8:
-                if progress:
-                    progress(f"{name}: {prepared.int8} and accuracy gate")
                 int8_path = optimize_file(
                     prepared.onnx_path, work / f"{name}.int8.onnx", prepared.int8, prepared.eval_x
                 )

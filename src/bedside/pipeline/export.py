@@ -50,6 +50,12 @@ def verify(
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the exported graph fails the ONNX checker: {str(exc).splitlines()[0]}") from None
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    graph_inputs = sorted(i.name for i in session.get_inputs())
+    if graph_inputs != sorted(feeds):
+        raise ExportError(
+            f"the exported graph takes inputs {graph_inputs}, the model was given {sorted(feeds)}: an input the "
+            "graph dropped means the traced outputs do not depend on it (Python or NumPy code inside forward?)"
+        )
     names = list(expected)
     outputs = dict(zip(names, session.run(names, feeds), strict=True))
     diffs = {}

@@ -78,10 +78,19 @@ def int8_static(src: Path, dst: Path, calibration: dict[str, np.ndarray], batch:
                 weight_type=QuantType.QInt8,
                 per_channel=True,
                 calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=_output_nodes(source),
             )
         except Exception as exc:
             raise OptimizeError(f"static INT8 quantization failed: {str(exc).splitlines()[0][:300]}") from None
     return dst
+
+
+def _output_nodes(path: Path) -> list[str]:
+    """Nodes that produce the model's outputs stay in float: 8-bit probabilities or risk scores
+    collapse into 256 steps, and clinical metrics (AUROC, calibration) depend on their resolution."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    outputs = {o.name for o in graph.output}
+    return [node.name for node in graph.node if node.name and outputs.intersection(node.output)]
 
 
 def int8_dynamic(src: Path, dst: Path) -> Path:
