@@ -10,7 +10,7 @@ PORT ?= 8000
 $(VENV)/.demo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[demo]'
+	$(PY) -m pip install -q -e '.[pipeline]'
 	touch $@
 
 $(VENV)/.dev: pyproject.toml

@@ -176,7 +176,7 @@ def start_server(repo: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]
             str(port),
             "--log-level",
             "warning",
-            *extra,
+            *(extra if "--mllp-port" in extra else (*extra, "--mllp-port", "-1")),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -18,7 +18,7 @@ from tests.models import SCALE_CONFIG, all_types_model, scale_model, write_confi
 
 @pytest.fixture(scope="session")
 def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_demo(tmp_path_factory.mktemp("demo") / "repo")
+    return build_demo(tmp_path_factory.mktemp("demo") / "repo", ecg=False)  # ECG wiring uses a small model
 
 
 def free_port() -> int:
@@ -64,6 +64,8 @@ class Server:
 
 def start_server(repo: Path, log: Path, *extra: str) -> Server:
     port = free_port()
+    if "--mllp-port" not in extra:
+        extra = (*extra, "--mllp-port", "-1")  # tests run side by side: no shared default port
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with log.open("wb") as out:
         process = subprocess.Popen(

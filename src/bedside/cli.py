@@ -46,13 +46,26 @@ def serve(
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     max_body_mb: Annotated[int, typer.Option(help="Largest request body accepted, in MiB (larger gets 413).")] = 64,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    mllp_port: Annotated[int, typer.Option(help="HL7v2/MLLP listener port for patient monitors; -1: none.")] = 2575,
+    score_interval: Annotated[float, typer.Option(help="Seconds between per-bed vital-sign scorings.")] = 15.0,
+    streams: Annotated[bool, typer.Option(help="Run the bedside streams (HL7 vitals, ECG, alerts).")] = True,
 ) -> None:
-    """Serve every model in the repository over OIP v2 REST (KServe / Triton / MLServer clients work)."""
+    """Serve every model in the repository over OIP v2 REST (KServe / Triton / MLServer clients work),
+    with the bedside streams: HL7v2 vitals over MLLP, ECG over WebSocket, alerts over SSE."""
     from bedside.server.run import serve as run_server
+    from bedside.streams.service import StreamsConfig
 
     root = _repository(repository)
-    console.print(f"bedside serving [bold]{root}[/bold] on http://{host}:{port}/v2")
-    run_server(root, host, port, max_body_mb << 20, log_level)
+    config = (
+        StreamsConfig(mllp_host=host, mllp_port=None if mllp_port < 0 else mllp_port, score_interval_s=score_interval)
+        if streams
+        else None
+    )
+    console.print(
+        f"bedside serving [bold]{root}[/bold] on http://{host}:{port}/v2"
+        + (f", HL7 MLLP on {host}:{mllp_port}" if config and config.mllp_port is not None else "")
+    )
+    run_server(root, host, port, max_body_mb << 20, log_level, config)
 
 
 @app.command()

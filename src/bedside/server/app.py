@@ -18,6 +18,7 @@ import orjson
 from bedside.engine import Engine
 from bedside.errors import BedsideError, InvalidInput, MethodNotAllowed, NotFound, TooLarge
 from bedside.protocol.codec import decode_request, encode_response
+from bedside.streams.service import Streams
 
 log = logging.getLogger("bedside.server")
 
@@ -46,14 +47,19 @@ def error_response(exc: BedsideError) -> Response:
 
 
 class App:
-    def __init__(self, engine: Engine, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, engine: Engine, max_body_bytes: int = MAX_BODY_BYTES, streams: Streams | None = None) -> None:
         self.engine = engine
         self.max_body = max_body_bytes
+        self.streams = streams
         self._startup: asyncio.Future[None] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
-        if kind == "http":
+        if kind == "http" and scope["path"] == "/v2/alerts/stream" and self.streams is not None:
+            await self.streams.sse(receive, send)
+        elif kind == "websocket" and self.streams is not None:
+            await self.streams.websocket(scope, receive, send)
+        elif kind == "http":
             response = await self._handle(scope, receive)
             headers = [*response.headers, (b"content-length", str(len(response.body)).encode())]
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
@@ -67,8 +73,16 @@ class App:
             if message["type"] == "lifespan.startup":
                 # Listen at once (liveness answers) and load models beside it (readiness waits).
                 self._startup = asyncio.get_running_loop().run_in_executor(None, self.engine.start)
+                if self.streams is not None:
+                    try:
+                        await self.streams.start()
+                    except OSError as exc:  # e.g. the MLLP port is taken: say so and do not start half a server
+                        await send({"type": "lifespan.startup.failed", "message": f"streams: {exc}"})
+                        return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.streams is not None:
+                    await self.streams.close()
                 self.engine.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -126,6 +140,14 @@ class App:
             if rest[1] == "ready":
                 ready = engine.started
                 return json_response({"ready": ready}, 200 if ready else 503)
+        if rest[0] in ("beds", "alerts", "streams") and self.streams is not None:
+            _require(method, "GET", scope)
+            if rest == ["beds"]:
+                return json_response(self.streams.beds_view())
+            if rest == ["alerts"]:
+                return json_response(list(self.streams.bus.recent))
+            if rest == ["streams"]:
+                return json_response(self.streams.status())
         if rest[0] == "repository":
             _require(method, "POST", scope)
             if rest[1:] == ["index"]:

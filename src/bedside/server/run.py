@@ -9,6 +9,7 @@ import uvicorn
 
 from bedside.engine import Engine
 from bedside.server.app import MAX_BODY_BYTES, App
+from bedside.streams.service import Streams, StreamsConfig
 
 
 def serve(
@@ -17,9 +18,11 @@ def serve(
     port: int = 8000,
     max_body_bytes: int = MAX_BODY_BYTES,
     log_level: str = "info",
+    streams: StreamsConfig | None = None,
 ) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = App(Engine(repository), max_body_bytes)
+    engine = Engine(repository)
+    app = App(engine, max_body_bytes, Streams(engine, streams) if streams is not None else None)
     config = uvicorn.Config(
         app,
         host=host,

@@ -8,6 +8,7 @@ gets a NAK naming the problem; it never takes the listener down.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -164,10 +165,12 @@ def parse_oru(raw: str, now: float | None = None) -> VitalsMessage:
         pass
     if not bed:
         try:
-            bed = "patient-" + _component(message.segment("PID"), 3, 0)
+            mrn = _component(message.segment("PID"), 3, 0)
         except KeyError:
-            bed = ""
-    if not bed or bed == "patient-":
+            mrn = ""
+        # keyed by a digest, so the record number never travels with scores and alerts
+        bed = "patient-" + hashlib.sha256(mrn.encode()).hexdigest()[:12] if mrn else ""
+    if not bed:
         raise HL7Error("no bed (PV1-3) or patient identifier (PID-3) to attach the observations to", "AE", control_id)
     default_time = _hl7_time(_field(msh, 7), now)
     out = VitalsMessage(control_id, bed, sending_application=_field(msh, 3), sending_facility=_field(msh, 4))
