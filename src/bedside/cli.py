@@ -303,6 +303,63 @@ def bench(
     console.print(f"written {out / 'reference_models.json'} and {out / 'reference_models.png'}")
 
 
+@app.command()
+def replay(
+    url: UrlOption = "http://127.0.0.1:8000",
+    mllp: Annotated[
+        str, typer.Option(help="HL7 MLLP listener host:port; '' to send no vital signs.")
+    ] = "127.0.0.1:2575",
+    beds: Annotated[int, typer.Option(help="Number of SYNTHETIC beds to generate.")] = 10,
+    seconds: Annotated[float, typer.Option(help="Length of each bed's recording (simulated seconds).")] = 60.0,
+    speed: Annotated[float, typer.Option(help="1 = real time; 10 = ten times faster.")] = 1.0,
+    vitals_every: Annotated[float, typer.Option(help="Simulated seconds between HL7 vital-sign messages.")] = 15.0,
+    ecg: Annotated[bool, typer.Option(help="Stream 12-lead ECG per bed over WebSocket.")] = True,
+    hl7_file: Annotated[
+        Path | None, typer.Option(help="Replay recorded HL7 messages from a file instead of generating them.")
+    ] = None,
+) -> None:
+    """Feed SYNTHETIC (or recorded) HL7 vitals and 12-lead ECG into a running bedside; print a summary."""
+    import asyncio
+
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from bedside.streams.replay import replay as run_replay
+
+    target = None
+    if mllp:
+        host, _, port = mllp.rpartition(":")
+        target = (host or "127.0.0.1", int(port))
+    expected_ecg = beds * max(0, int(seconds) - 4) if ecg else 0
+    expected_hl7 = (
+        (len(hl7_file.read_bytes().split(b"MSH")) - 1 if hl7_file else beds * max(1, int(seconds / vitals_every)))
+        if target
+        else 0
+    )
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), console=console
+    ) as bar:
+        hl7_task = bar.add_task("HL7 messages", total=expected_hl7)
+        ecg_task = bar.add_task("ECG windows", total=expected_ecg)
+
+        def update(stats) -> None:  # type: ignore[no-untyped-def]
+            bar.update(hl7_task, completed=stats.hl7_sent)
+            bar.update(ecg_task, completed=len(stats.ecg_results))
+
+        try:
+            stats = asyncio.run(run_replay(url, target, beds, seconds, speed, vitals_every, ecg, hl7_file, update))
+        except OSError as exc:
+            console.print(f"[red]cannot reach bedside: {exc}[/red]")
+            raise typer.Exit(1) from None
+        update(stats)
+    summary = stats.summary()
+    table = Table("measure", "value", title="replay summary")
+    for key, value in summary.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    if summary["errors"] or summary["hl7_rejected"]:
+        raise typer.Exit(1)
+
+
 def _call(fn):  # type: ignore[no-untyped-def]
     from bedside.client import ServerError
 

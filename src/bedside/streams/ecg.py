@@ -94,10 +94,10 @@ def _as_probabilities(scores: np.ndarray) -> np.ndarray:
 
 
 async def classify(engine: Engine, model: str, bed: str, end_sample: int, window: np.ndarray) -> dict[str, Any]:
+    started = time.perf_counter()  # the window is complete: window -> score starts here
     result: dict[str, Any] = {"type": "ecg", "bed": bed, "sample_end": end_sample, "heart_rate": None}
     hr = heart_rate(window[LEAD_II])
     result["heart_rate"] = None if hr is None else round(hr, 1)
-    started = time.perf_counter()
     try:
         queue = engine.route(model, None)
         response = await engine.infer(queue, InferRequest({"ecg": window[None]}, priority="stat", tenant="streams"))

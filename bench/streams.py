@@ -1,0 +1,179 @@
+"""How many beds one box sustains in real time: each bed streams 12-lead ECG at 250 Hz over a
+WebSocket (0.2 s chunks, a 5 s window classified every second; beds start at staggered phases, as
+independent monitors do) and vital signs over HL7/MLLP every second; the scorer also runs NEWS2/qSOFA + the deterioration model every 15 s.
+
+    python bench/streams.py [--beds 50,100,200,300] [--seconds 15]
+
+Window->score latency is what the server measures per window (route, queue, batch, model, result).
+The ECG model is the 1D-CNN reference architecture (random weights: cost, not accuracy), FP32 and
+INT8 (static, calibrated on SYNTHETIC ECG). All streams are SYNTHETIC (bedside.synthetic). The load
+generator shares the box's two cores with the server. Prints a table; writes JSON and a PNG curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, console, free_port, machine, start_server, table, write_results
+from bedside.streams.replay import ReplayStats, replay
+
+TARGET_P99_MS = 10.0
+
+
+def build_repo(root: Path, int8: bool) -> None:
+    import tomli_w
+    import torch
+
+    from bedside.models.demo import _vitals_deterioration
+    from bedside.models.reference import ECGNet
+    from bedside.pipeline.export import export_torch
+    from bedside.pipeline.optimize import optimize_file
+    from bedside.synthetic.ecg import dataset
+
+    vitals = _vitals_deterioration()
+    (root / "vitals_deterioration" / "1").mkdir(parents=True)
+    (root / "vitals_deterioration" / "1" / "model.onnx").write_bytes(vitals.onnx_bytes)
+    (root / "vitals_deterioration" / "config.toml").write_text(
+        tomli_w.dumps(
+            {
+                k: v
+                for k, v in vitals.config.to_dict().items()
+                if k not in ("threads", "scheduling", "queue_policy", "tenants")
+            }
+        )
+    )
+    torch.manual_seed(0)
+    x, _ = dataset(64, seed=3)
+    fp32 = root / "ecg_rhythm" / "1" / "model.onnx"
+    fp32.parent.mkdir(parents=True)
+    fp32.write_bytes(
+        export_torch(
+            torch.nn.Sequential(ECGNet(), torch.nn.Softmax(dim=1)).eval(),
+            {"ecg": x[:4]},
+            output_names=["probabilities"],
+        ).to_bytes()
+    )
+    if int8:
+        quantized = optimize_file(fp32, root / "int8.onnx", "int8-static", {"ecg": x})
+        fp32.write_bytes(quantized.read_bytes())
+        quantized.unlink()
+    (root / "ecg_rhythm" / "config.toml").write_text(
+        'max_batch_size = 64\nthreads = 1\n[[inputs]]\nname = "ecg"\ndatatype = "FP32"\nshape = [12, 1250]\n'
+        '[[outputs]]\nname = "probabilities"\ndatatype = "FP32"\nshape = [5]\n'
+    )
+
+
+def level(port: int, mllp: int, beds: int, seconds: float) -> dict:
+    stats: ReplayStats = asyncio.run(
+        replay(f"http://127.0.0.1:{port}", ("127.0.0.1", mllp), beds, seconds, 1.0, vitals_every=1.0)
+    )
+    latencies = [r["latency_ms"] for r in stats.ecg_results if r.get("latency_ms") is not None]
+    summary = stats.summary()
+    status = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/streams"))
+    return {
+        "beds": beds,
+        "ecg_windows": len(latencies),
+        "expected_windows": beds * int(seconds - 4),
+        "p50_ms": round(float(np.percentile(latencies, 50)), 3) if latencies else None,
+        "p99_ms": round(float(np.percentile(latencies, 99)), 3) if latencies else None,
+        "max_ms": round(float(np.max(latencies)), 3) if latencies else None,
+        "within_4ms_share": round(summary["ecg_within_4ms"] / max(1, len(latencies)), 3),
+        "hl7_acked": summary["hl7_acked"],
+        "hl7_sent": summary["hl7_sent"],
+        "errors": summary["errors"],
+        "vitals_scoring_cycles": status["scoring"]["cycles"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--beds", default="50,100,200,300")
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of each level's real-time run")
+    args = parser.parse_args()
+    counts = [int(b) for b in args.beds.split(",")]
+    rows = []
+    for precision in ("fp32", "int8"):
+        with tempfile.TemporaryDirectory() as tmp:
+            build_repo(Path(tmp), precision == "int8")
+            mllp = free_port()
+            proc, port = start_server(Path(tmp), "--mllp-port", str(mllp))
+            try:
+                for beds in counts:
+                    time.sleep(1.0)  # let the previous level's connections close
+                    row = {"model": f"ecg_cnn_{precision}", **level(port, mllp, beds, args.seconds)}
+                    row["realtime_ok"] = bool(
+                        row["p99_ms"] is not None
+                        and row["p99_ms"] <= TARGET_P99_MS
+                        and row["ecg_windows"] >= 0.98 * row["expected_windows"]
+                        and row["hl7_acked"] == row["hl7_sent"]
+                    )
+                    rows.append(row)
+                    windows = f"{row['ecg_windows']}/{row['expected_windows']}"
+                    console.print(f"  {precision} {beds} beds: p99 {row['p99_ms']} ms, windows {windows}")
+            finally:
+                proc.terminate()
+                proc.wait(10)
+    table(
+        f"beds sustained in real time ({args.seconds:g} s per level)",
+        rows,
+        [
+            "model",
+            "beds",
+            "ecg_windows",
+            "expected_windows",
+            "p50_ms",
+            "p99_ms",
+            "max_ms",
+            "within_4ms_share",
+            "hl7_acked",
+            "realtime_ok",
+        ],
+    )
+    best = {
+        m: max([r["beds"] for r in rows if r["model"] == m and r["realtime_ok"]], default=0)
+        for m in {r["model"] for r in rows}
+    }
+    console.print(f"most beds with window->score p99 <= {TARGET_P99_MS} ms: {best} (target >= 200)")
+    plot(rows, RESULTS / "streams.png")
+    out = write_results(
+        "streams",
+        {"rows": rows, "max_beds": best, "target_p99_ms": TARGET_P99_MS, "target_beds": 200, "machine": machine()},
+    )
+    console.print(f"written to {out} and {RESULTS / 'streams.png'}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model in sorted({r["model"] for r in rows}):
+        pts = [(r["beds"], r["p99_ms"]) for r in rows if r["model"] == model and r["p99_ms"] is not None]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=model)
+    ax.axhline(TARGET_P99_MS, color="r", linestyle="--", label="p99 target 10 ms")
+    ax.axvline(200, color="grey", linestyle=":", label="target 200 beds")
+    ax.set_xlabel("beds (12-lead ECG at 250 Hz + vitals every 1 s)")
+    ax.set_ylabel("window -> score p99 (ms)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("Beds one 2-core box sustains in real time")
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Feed recorded or generated HL7 and ECG streams into a running bedside, at real time or faster,
+for demonstrations and load tests. Generated streams are SYNTHETIC (bedside.synthetic).
+
+Each bed gets its own MLLP connection (vital signs as ORU^R01, checked ACK by ACK) and its own
+ECG WebSocket (12-lead float32 chunks at 250 Hz); every ECG result that comes back is kept, so the
+summary can say how many windows met the 4 ms budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from bedside.streams.mllp import END, START, frame
+from bedside.synthetic.ecg import FS, RHYTHMS, generate
+
+VITAL_CODES = {
+    "heart_rate": ("8867-4", "/min"),
+    "respiratory_rate": ("9279-1", "/min"),
+    "systolic_bp": ("8480-6", "mm[Hg]"),
+    "diastolic_bp": ("8462-4", "mm[Hg]"),
+    "spo2": ("59408-5", "%"),
+    "temperature": ("8310-5", "Cel"),
+}
+
+
+@dataclass
+class ReplayStats:
+    hl7_sent: int = 0
+    hl7_acked: int = 0
+    hl7_naks: list[str] = field(default_factory=list)
+    ecg_chunks: int = 0
+    ecg_results: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        latencies = [r["latency_ms"] for r in self.ecg_results if r.get("latency_ms") is not None]
+        within = sum(1 for r in self.ecg_results if r.get("within_budget"))
+        return {
+            "hl7_sent": self.hl7_sent,
+            "hl7_acked": self.hl7_acked,
+            "hl7_rejected": len(self.hl7_naks),
+            "ecg_chunks": self.ecg_chunks,
+            "ecg_windows": len(self.ecg_results),
+            "ecg_p50_ms": round(float(np.percentile(latencies, 50)), 3) if latencies else None,
+            "ecg_p99_ms": round(float(np.percentile(latencies, 99)), 3) if latencies else None,
+            "ecg_within_4ms": within,
+            "ecg_degraded": sum(1 for r in self.ecg_results if r.get("degraded")),
+            "errors": self.errors[:5],
+        }
+
+
+def oru(
+    bed: str, control: str, values: dict[str, float], when: float, consciousness: str = "A", o2_flow: float = 0.0
+) -> str:
+    ward, _, room = bed.partition("-")
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(when))
+    lines = [
+        f"MSH|^~\\&|REPLAY|{ward}|BEDSIDE|HOSP|{stamp}||ORU^R01|{control}|P|2.5",
+        "PID|1||SYNTHETIC",
+        f"PV1|1|I|{ward}^{room or '1'}",
+    ]
+    for i, (vital, value) in enumerate(values.items(), 1):
+        code, unit = VITAL_CODES[vital]
+        lines.append(f"OBX|{i}|NM|{code}^{vital}^LN||{value:.1f}|{unit}|||||F|||{stamp}")
+    lines.append(f"OBX|{len(lines) - 2}|ST|67775-7^ACVPU^LN||{consciousness}||||||F")
+    lines.append(f"OBX|{len(lines) - 2}|NM|3151-8^O2 flow^LN||{o2_flow:.1f}|L/min|||||F")
+    return "\r".join(lines) + "\r"
+
+
+def read_hl7_file(path: Path) -> list[str]:
+    """Messages from a file: MLLP-framed, or plain text with messages starting at each MSH line."""
+    raw = path.read_bytes()
+    if START in raw:
+        return [part.split(END)[0].decode("utf-8", "replace") for part in raw.split(START)[1:]]
+    text = raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
+    messages, current = [], []
+    for line in text.split("\n"):
+        if line.startswith("MSH") and current:
+            messages.append("\r".join(current) + "\r")
+            current = []
+        if line.strip():
+            current.append(line)
+    if current:
+        messages.append("\r".join(current) + "\r")
+    return messages
+
+
+async def send_hl7(host: str, port: int, messages: list[tuple[float, str]], speed: float, stats: ReplayStats) -> None:
+    """Send (offset seconds, message) pairs over one MLLP connection, paced by `speed`."""
+    reader, writer = await asyncio.open_connection(host, port)
+    start = time.monotonic()
+    try:
+        for offset, message in messages:
+            delay = start + offset / speed - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # pacing the replay clock
+            writer.write(frame(message))
+            await writer.drain()
+            stats.hl7_sent += 1
+            answer = (await asyncio.wait_for(reader.readuntil(END), 10)).decode("utf-8", "replace")
+            msa = next((s for s in answer.split("\r") if s.startswith("MSA|")), "MSA|??")
+            if msa.startswith("MSA|AA"):
+                stats.hl7_acked += 1
+            else:
+                stats.hl7_naks.append(msa)
+    finally:
+        writer.close()
+
+
+async def send_ecg(
+    url: str, bed: str, ecg: np.ndarray, speed: float, stats: ReplayStats, chunk: int = 50, phase: float = 0.0
+) -> None:
+    """Stream [12, n] samples in chunks, paced at 250 Hz x speed, and collect the results. `phase`
+    (seconds) delays the start: real monitors are not synchronised with each other."""
+    from websockets.asyncio.client import connect
+
+    ws_url = url.replace("http://", "ws://").replace("https://", "wss://").rstrip("/") + f"/v2/streams/ecg/{bed}"
+    expected = max(0, (ecg.shape[1] - 5 * FS) // FS + 1)
+    async with connect(ws_url, max_queue=None) as ws:
+
+        async def receive() -> None:
+            while len([r for r in stats.ecg_results if r.get("bed") == bed]) < expected:
+                doc = orjson.loads(await ws.recv())
+                if doc.get("type") == "error":
+                    stats.errors.append(doc["error"])
+                else:
+                    stats.ecg_results.append(doc)
+
+        receiver = asyncio.create_task(receive())
+        await asyncio.sleep(phase / speed)
+        start = time.monotonic()
+        for i in range(0, ecg.shape[1], chunk):
+            delay = start + i / FS / speed - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await ws.send(np.ascontiguousarray(ecg[:, i : i + chunk].T, dtype="<f4").tobytes())
+            stats.ecg_chunks += 1
+        await asyncio.wait_for(receiver, 30)
+
+
+def synthetic_vitals(bed: str, seconds: float, every: float, seed: int) -> list[tuple[float, str]]:
+    """HL7 messages for one bed: a SYNTHETIC trajectory, deteriorating for every third bed."""
+    rng = np.random.default_rng(seed)
+    worsening = seed % 3 == 0
+    base = {
+        "heart_rate": 78.0,
+        "respiratory_rate": 16.0,
+        "systolic_bp": 124.0,
+        "diastolic_bp": 76.0,
+        "spo2": 97.0,
+        "temperature": 36.9,
+    }
+    drift = {
+        "heart_rate": 45.0,
+        "respiratory_rate": 12.0,
+        "systolic_bp": -40.0,
+        "diastolic_bp": -20.0,
+        "spo2": -7.0,
+        "temperature": 2.2,
+    }
+    now = time.time()
+    out = []
+    steps = max(1, int(seconds / every))
+    for k in range(steps):
+        f = k / steps if worsening else 0.0
+        values = {v: base[v] + drift[v] * f + rng.normal(0, 1.0 if v != "temperature" else 0.05) for v in base}
+        consciousness = "V" if worsening and f > 0.8 else "A"
+        out.append(
+            (
+                k * every,
+                oru(
+                    bed,
+                    f"{bed}-{k}",
+                    values,
+                    now - seconds + k * every,
+                    consciousness,
+                    2.0 if worsening and f > 0.5 else 0.0,
+                ),
+            )
+        )
+    return out
+
+
+async def replay(
+    url: str,
+    mllp: tuple[str, int] | None,
+    beds: int,
+    seconds: float,
+    speed: float,
+    vitals_every: float = 15.0,
+    ecg: bool = True,
+    hl7_file: Path | None = None,
+    progress: Callable[[ReplayStats], None] | None = None,
+) -> ReplayStats:
+    stats = ReplayStats()
+    tasks = []
+    names = [f"REPLAY-{i + 1:03d}" for i in range(beds)]
+    if mllp is not None:
+        if hl7_file is not None:
+            messages = read_hl7_file(hl7_file)
+            tasks.append(send_hl7(*mllp, [(i * vitals_every, m) for i, m in enumerate(messages)], speed, stats))
+        else:
+            tasks += [
+                send_hl7(*mllp, synthetic_vitals(bed, seconds, vitals_every, i), speed, stats)
+                for i, bed in enumerate(names)
+            ]
+    if ecg:
+        rng = np.random.default_rng(7)
+        for i, bed in enumerate(names):
+            recording = generate(RHYTHMS[i % len(RHYTHMS)], seconds, rng)
+            tasks.append(send_ecg(url, bed, recording, speed, stats, phase=i / max(1, beds)))
+
+    async def report() -> None:
+        while progress is not None:
+            progress(stats)
+            await asyncio.sleep(0.25)
+
+    reporter = asyncio.create_task(report())
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    reporter.cancel()
+    stats.errors += [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
+    return stats
