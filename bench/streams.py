@@ -1,6 +1,7 @@
 """How many beds one box sustains in real time: each bed streams 12-lead ECG at 250 Hz over a
 WebSocket (0.2 s chunks, a 5 s window classified every second; beds start at staggered phases, as
-independent monitors do) and vital signs over HL7/MLLP every second; the scorer also runs NEWS2/qSOFA + the deterioration model every 15 s.
+independent monitors do) and vital signs over HL7/MLLP every second; the scorer also runs
+NEWS2/qSOFA and the deterioration model every 15 s.
 
     python bench/streams.py [--beds 50,100,200,300] [--seconds 15]
 
@@ -73,9 +74,9 @@ def build_repo(root: Path, int8: bool) -> None:
     )
 
 
-def level(port: int, mllp: int, beds: int, seconds: float) -> dict:
+def level(port: int, mllp: int, beds: int, seconds: float, chunk: int) -> dict:
     stats: ReplayStats = asyncio.run(
-        replay(f"http://127.0.0.1:{port}", ("127.0.0.1", mllp), beds, seconds, 1.0, vitals_every=1.0)
+        replay(f"http://127.0.0.1:{port}", ("127.0.0.1", mllp), beds, seconds, 1.0, vitals_every=1.0, chunk=chunk)
     )
     latencies = [r["latency_ms"] for r in stats.ecg_results if r.get("latency_ms") is not None]
     summary = stats.summary()
@@ -99,18 +100,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--beds", default="50,100,200,300")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each level's real-time run")
+    parser.add_argument("--chunks", default="50,250", help="ECG samples per WebSocket message (50 = 0.2 s, 250 = 1 s)")
+    parser.add_argument("--precisions", default="fp32,int8")
+    parser.add_argument("--score-interval", default="15", help="seconds between per-bed vital-sign scorings")
     args = parser.parse_args()
     counts = [int(b) for b in args.beds.split(",")]
     rows = []
-    for precision in ("fp32", "int8"):
+    for precision in args.precisions.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             build_repo(Path(tmp), precision == "int8")
             mllp = free_port()
-            proc, port = start_server(Path(tmp), "--mllp-port", str(mllp))
+            proc, port = start_server(Path(tmp), "--mllp-port", str(mllp), "--score-interval", args.score_interval)
             try:
-                for beds in counts:
+                for chunk, beds in [(c, b) for c in (int(x) for x in args.chunks.split(",")) for b in counts]:
                     time.sleep(1.0)  # let the previous level's connections close
-                    row = {"model": f"ecg_cnn_{precision}", **level(port, mllp, beds, args.seconds)}
+                    row = {
+                        "model": f"ecg_cnn_{precision}",
+                        "chunk_s": chunk / 250,
+                        **level(port, mllp, beds, args.seconds, chunk),
+                    }
                     row["realtime_ok"] = bool(
                         row["p99_ms"] is not None
                         and row["p99_ms"] <= TARGET_P99_MS
@@ -119,7 +127,7 @@ def main() -> None:
                     )
                     rows.append(row)
                     windows = f"{row['ecg_windows']}/{row['expected_windows']}"
-                    console.print(f"  {precision} {beds} beds: p99 {row['p99_ms']} ms, windows {windows}")
+                    console.print(f"  {precision} chunk {chunk} {beds} beds: p99 {row['p99_ms']} ms, windows {windows}")
             finally:
                 proc.terminate()
                 proc.wait(10)
@@ -159,9 +167,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for model in sorted({r["model"] for r in rows}):
-        pts = [(r["beds"], r["p99_ms"]) for r in rows if r["model"] == model and r["p99_ms"] is not None]
-        ax.plot(*zip(*pts, strict=True), marker="o", label=model)
+    for model, chunk in sorted({(r["model"], r["chunk_s"]) for r in rows}):
+        pts = [
+            (r["beds"], r["p99_ms"])
+            for r in rows
+            if (r["model"], r["chunk_s"]) == (model, chunk) and r["p99_ms"] is not None
+        ]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=f"{model}, {chunk:g} s chunks")
     ax.axhline(TARGET_P99_MS, color="r", linestyle="--", label="p99 target 10 ms")
     ax.axvline(200, color="grey", linestyle=":", label="target 200 beds")
     ax.set_xlabel("beds (12-lead ECG at 250 Hz + vitals every 1 s)")

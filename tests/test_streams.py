@@ -329,3 +329,41 @@ def test_ecg_websocket_streams_windows_and_rejects_bad_chunks(streams_server):
         connect(f"ws://127.0.0.1:{streams_server.port}/v2/streams/ecg/bad%20bed", open_timeout=10) as ws,
     ):
         ws.recv(timeout=5)
+
+
+def test_replay_feeds_a_running_server_and_summarises(streams_server, tmp_path):
+    from bedside.streams.replay import read_hl7_file, replay
+
+    stats = asyncio.run(
+        replay(
+            streams_server.url,
+            ("127.0.0.1", streams_server.mllp_port),
+            beds=2,
+            seconds=7.0,
+            speed=7.0,
+            vitals_every=1.0,
+        )
+    )
+    summary = stats.summary()
+    assert summary["hl7_sent"] == summary["hl7_acked"] == 14 and summary["hl7_rejected"] == 0
+    assert summary["ecg_windows"] == 2 * 3 and summary["errors"] == []
+    assert {r["bed"] for r in stats.ecg_results} == {"REPLAY-001", "REPLAY-002"}
+    beds = {b["bed"] for b in get_json(streams_server.port, "/v2/beds")}
+    assert {"REPLAY-001", "REPLAY-002"} <= beds  # vitals and ECG of one bed share its name
+    # a recorded file: plain text with one message per MSH, either line ending
+    recorded = tmp_path / "monitor.hl7"
+    recorded.write_text("\n".join(hl7_for("ICU-9", NORMAL, f"f{i}").replace("\r", "\n") for i in range(3)))
+    assert len(read_hl7_file(recorded)) == 3
+    stats = asyncio.run(
+        replay(
+            streams_server.url,
+            ("127.0.0.1", streams_server.mllp_port),
+            beds=0,
+            seconds=1.0,
+            speed=100.0,
+            vitals_every=0.01,
+            ecg=False,
+            hl7_file=recorded,
+        )
+    )
+    assert stats.summary()["hl7_acked"] == 3

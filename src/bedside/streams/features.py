@@ -32,8 +32,9 @@ def vector(
             times = np.fromiter((t for t, _ in points), float)
             values = np.fromiter((v for _, v in points), float)
             out[3 * i] = values[-1]
-            span = times[-1] - times[0]
-            out[3 * i + 1] = np.polyfit((times - now) / 3600.0, values, 1)[0] if len(points) > 1 and span > 60 else 0.0
+            if len(points) > 1 and times[-1] - times[0] > 60:  # least-squares slope, per hour
+                centred = (times - times.mean()) / 3600.0
+                out[3 * i + 1] = float(centred @ (values - values.mean()) / (centred @ centred))
         else:
             out[3 * i] = NORMAL[vital]
             out[3 * i + 2] = 1.0

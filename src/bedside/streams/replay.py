@@ -198,6 +198,7 @@ async def replay(
     ecg: bool = True,
     hl7_file: Path | None = None,
     progress: Callable[[ReplayStats], None] | None = None,
+    chunk: int = 50,
 ) -> ReplayStats:
     stats = ReplayStats()
     tasks = []
@@ -215,7 +216,7 @@ async def replay(
         rng = np.random.default_rng(7)
         for i, bed in enumerate(names):
             recording = generate(RHYTHMS[i % len(RHYTHMS)], seconds, rng)
-            tasks.append(send_ecg(url, bed, recording, speed, stats, phase=i / max(1, beds)))
+            tasks.append(send_ecg(url, bed, recording, speed, stats, chunk=chunk, phase=i / max(1, beds)))
 
     async def report() -> None:
         while progress is not None:

@@ -13,8 +13,10 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
+
 from bedside.alerts.bus import AlertBus
-from bedside.alerts.rules import news2, qsofa
+from bedside.alerts.rules import Vitals, news2, qsofa
 from bedside.engine import Engine
 from bedside.errors import BedsideError
 from bedside.protocol.types import InferRequest
@@ -22,6 +24,7 @@ from bedside.streams.beds import Beds
 
 log = logging.getLogger("bedside.streams")
 LEVELS = {"low": 0, "low-medium": 1, "medium": 2, "high": 3}
+SLICE = 16  # beds handled between two yields of the event loop
 
 
 class VitalsScorer:
@@ -53,44 +56,66 @@ class VitalsScorer:
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
     async def score_all(self, now: float | None = None) -> list[dict[str, Any]]:
+        """One cycle: snapshot every bed, one batched model request for all of them, then rules and
+        alerts per bed. The loop is yielded every SLICE beds, so a ward-wide cycle never stalls the
+        ECG and HL7 streams that share it."""
         now = time.time() if now is None else now
         self.beds.prune(now)
         self.cycles += 1
-        beds = self.beds.items()
-        return list(await asyncio.gather(*(self.score_bed(bed, now) for bed, _ in beds)))
+        snapshots = []
+        for i, (bed, state) in enumerate(self.beds.items()):
+            vector, completeness = state.features(now)
+            snapshots.append((bed, state.vitals(now), vector, completeness))
+            if i % SLICE == SLICE - 1:
+                await asyncio.sleep(0)
+        usable = [k for k, snap in enumerate(snapshots) if snap[3] >= self.min_completeness]
+        risks, source, model_problem = await self._model_risks([snapshots[k][2] for k in usable])
+        risk_of = dict(zip(usable, risks, strict=True)) if risks is not None else {}
+        events = []
+        for k, (bed, vitals, _, completeness) in enumerate(snapshots):
+            if k in risk_of:
+                problem = ""
+            elif completeness < self.min_completeness:
+                problem = f"vital signs too incomplete for the model ({completeness:.0%} present)"
+            else:
+                problem = model_problem
+            events.append(self._publish(bed, now, vitals, risk_of.get(k), source if k in risk_of else "rules", problem))
+            if k % SLICE == SLICE - 1:
+                await asyncio.sleep(0)
+        return events
 
-    async def score_bed(self, bed: str, now: float) -> dict[str, Any]:
-        state = self.beds.get(bed)
-        if state is None:
-            raise KeyError(bed)
-        vitals = state.vitals(now)
-        early_warning, sepsis = news2(vitals), qsofa(vitals)
-        vector, completeness = state.features(now)
-        risk: float | None = None
-        source, degraded_reason = "rules", ""
-        if completeness < self.min_completeness:
-            degraded_reason = f"vital signs too incomplete for the model ({completeness:.0%} present)"
-        else:
-            started = time.perf_counter()
-            try:
-                queue = self.engine.route(self.model, None)
+    async def _model_risks(self, vectors: list[np.ndarray]) -> tuple[list[float] | None, str, str]:
+        """Risk per vector from one batched request (split at the model's max batch size)."""
+        if not vectors:
+            return [], "rules", ""
+        started = time.perf_counter()
+        try:
+            queue = self.engine.route(self.model, None)
+            step = queue.model.config.max_batch_size or 1
+            risks: list[float] = []
+            version = ""
+            for i in range(0, len(vectors), step):
+                batch = np.stack(vectors[i : i + step]) if queue.model.config.max_batch_size else vectors[i][None, :]
                 request = InferRequest(
-                    {"features": vector[None, :]},
-                    priority="urgent",
-                    tenant="streams",
-                    timeout_us=int(self.timeout_s * 1e6),
+                    {"features": batch}, priority="urgent", tenant="streams", timeout_us=int(self.timeout_s * 1e6)
                 )
                 response = await asyncio.wait_for(self.engine.infer(queue, request), self.timeout_s)
-                risk = float(response.outputs["probabilities"][0, -1])
-                source = f"{self.model} v{response.model_version}"
-                self.latencies_ms.append((time.perf_counter() - started) * 1e3)
-                del self.latencies_ms[:-4096]
-            except TimeoutError:
-                degraded_reason = f"model {self.model!r} did not answer within {self.timeout_s * 1e3:.0f} ms"
-            except BedsideError as exc:
-                degraded_reason = exc.message
-            except Exception as exc:  # whatever the model does, the rules still alert
-                degraded_reason = f"model failed: {type(exc).__name__}"
+                risks += np.asarray(response.outputs["probabilities"])[:, -1].astype(float).tolist()
+                version = response.model_version
+            self.latencies_ms.append((time.perf_counter() - started) * 1e3)
+            del self.latencies_ms[:-4096]
+            return risks, f"{self.model} v{version}", ""
+        except TimeoutError:
+            return None, "rules", f"model {self.model!r} did not answer within {self.timeout_s * 1e3:.0f} ms"
+        except BedsideError as exc:
+            return None, "rules", exc.message
+        except Exception as exc:  # whatever the model does, the rules still alert
+            return None, "rules", f"model failed: {type(exc).__name__}"
+
+    def _publish(
+        self, bed: str, now: float, vitals: Vitals, risk: float | None, source: str, problem: str
+    ) -> dict[str, Any]:
+        early_warning, sepsis = news2(vitals), qsofa(vitals)
         event: dict[str, Any] = {
             "type": "score",
             "bed": bed,
@@ -102,10 +127,10 @@ class VitalsScorer:
             "qsofa_positive": sepsis.positive,
             "risk": None if risk is None else round(risk, 4),
             "source": source,
-            "degraded": bool(degraded_reason),
+            "degraded": bool(problem),
         }
-        if degraded_reason:
-            event["reason"] = f"AI assistance degraded: {degraded_reason}; scored by NEWS2/qSOFA rules"
+        if problem:
+            event["reason"] = f"AI assistance degraded: {problem}; scored by NEWS2/qSOFA rules"
         self.bus.publish(event)
         self._maybe_alert(bed, now, event, early_warning.reason(), sepsis.criteria)
         return event
