@@ -282,9 +282,27 @@ def _ecg_rhythm() -> BuiltModel | None:
     from bedside.pipeline.export import export_torch
     from bedside.synthetic.ecg import LEADS, RHYTHMS
 
-    module, accuracy, (x_te, _) = train_ecg_cnn(train=1500, epochs=3)
+    module, accuracy, (x_te, y_te) = train_ecg_cnn(train=1500, epochs=3)
     with_softmax = torch.nn.Sequential(module, torch.nn.Softmax(dim=1)).eval()
     result = export_torch(with_softmax, {"ecg": x_te[:8]}, output_names=["probabilities"])
+    # INT8 makes a window ~4x faster (the 4 ms real-time budget); it is served only if the gate passes
+    served, precision = result.to_bytes(), "FP32"
+    with tempfile.TemporaryDirectory() as tmp:
+        from bedside.pipeline.gate import check
+        from bedside.pipeline.optimize import optimize_file
+
+        fp32 = Path(tmp) / "fp32.onnx"
+        fp32.write_bytes(served)
+        int8 = optimize_file(fp32, Path(tmp) / "int8.onnx", "int8-static", {"ecg": x_te[:96]})
+        report = check(fp32, int8, {"ecg": x_te}, y_te, "accuracy", 1.0, "int8-static")
+        if report.passed:
+            served, precision = int8.read_bytes(), "INT8"
+    gate_line = (
+        "Static INT8 (calibrated on 96 synthetic windows): "
+        f"accuracy {report.baseline:.1f} % -> {report.candidate:.1f} % "
+        f"(gate: at most 1 point lower), p50 {report.p50_ms_before:.2f} -> {report.p50_ms_after:.2f} ms per window, "
+        f"{report.size_bytes_before / 1e6:.2f} -> {report.size_bytes_after / 1e6:.2f} MB. Served: {precision}."
+    )
     config = ModelConfig(
         name="ecg_rhythm",
         description="Rhythm of a 5 s 12-lead ECG window at 250 Hz (1D-CNN). Trained on SYNTHETIC ECG. "
@@ -309,5 +327,6 @@ number says nothing about real recordings.
 ## Model
 1D-CNN (5 convolution blocks, 0.43M parameters) + softmax, exported with PyTorch's ONNX exporter
 (opset 17); ONNX vs PyTorch max |diff| {max(result.max_abs_diff.values()):.2g}.
+{gate_line}
 """
-    return BuiltModel(config, result.to_bytes(), card)
+    return BuiltModel(config, served, card)
