@@ -89,37 +89,26 @@ class News2:
         return text
 
 
+_NEWS2_PARAMETERS = (
+    ("respiratory_rate", lambda v: v.respiratory_rate, respiratory_rate_points),
+    ("spo2", lambda v: v.spo2, lambda x, v: spo2_points(x, bool(v.on_oxygen), v.spo2_scale_2)),
+    ("air_or_oxygen", lambda v: v.on_oxygen, oxygen_points),
+    ("systolic_bp", lambda v: v.systolic_bp, systolic_points),
+    ("pulse", lambda v: v.heart_rate, pulse_points),
+    ("consciousness", lambda v: v.consciousness, consciousness_points),
+    ("temperature", lambda v: v.temperature, temperature_points),
+)
+
+
 def news2(v: Vitals) -> News2:
     points: dict[str, int] = {}
     missing: list[str] = []
-    if v.respiratory_rate is not None:
-        points["respiratory_rate"] = respiratory_rate_points(v.respiratory_rate)
-    else:
-        missing.append("respiratory_rate")
-    if v.spo2 is not None:
-        points["spo2"] = spo2_points(v.spo2, bool(v.on_oxygen), v.spo2_scale_2)
-    else:
-        missing.append("spo2")
-    if v.on_oxygen is not None:
-        points["air_or_oxygen"] = oxygen_points(v.on_oxygen)
-    else:
-        missing.append("air_or_oxygen")
-    if v.systolic_bp is not None:
-        points["systolic_bp"] = systolic_points(v.systolic_bp)
-    else:
-        missing.append("systolic_bp")
-    if v.heart_rate is not None:
-        points["pulse"] = pulse_points(v.heart_rate)
-    else:
-        missing.append("pulse")
-    if v.consciousness is not None:
-        points["consciousness"] = consciousness_points(v.consciousness)
-    else:
-        missing.append("consciousness")
-    if v.temperature is not None:
-        points["temperature"] = temperature_points(v.temperature)
-    else:
-        missing.append("temperature")
+    for name, read, score in _NEWS2_PARAMETERS:
+        value = read(v)
+        if value is None:
+            missing.append(name)
+        else:
+            points[name] = score(value, v) if name == "spo2" else score(value)
     total = sum(points.values())
     if total >= 7:
         risk = "high"

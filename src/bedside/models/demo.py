@@ -91,10 +91,26 @@ def _run_onnx(model: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
 
 
-def _breast_mass_malignancy() -> BuiltModel:
-    import lightgbm as lgb
+def _lightgbm_onnx(clf: Any, width: int, name: str, x_te: np.ndarray) -> tuple[Any, np.ndarray, float]:
+    """Convert a LightGBM classifier and check it on held-out rows; return (model, reference proba, diff)."""
     from onnxmltools import convert_lightgbm
     from onnxmltools.convert.common.data_types import FloatTensorType
+
+    model = convert_lightgbm(
+        clf, initial_types=[("features", FloatTensorType([None, width]))], zipmap=False, target_opset=15
+    )
+    # The converter declares `label` as shape [1]; it has one entry per row.
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    label, proba = _run_onnx(model, {"features": x_te})
+    reference = clf.predict_proba(x_te)
+    diff = check_close(name, proba, reference)
+    if not np.array_equal(label, clf.predict(x_te)):
+        raise RuntimeError(f"{name}: ONNX labels differ from LightGBM's")
+    return model, reference, diff
+
+
+def _breast_mass_malignancy() -> BuiltModel:
+    import lightgbm as lgb
     from sklearn.datasets import load_breast_cancer
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import train_test_split
@@ -106,16 +122,7 @@ def _breast_mass_malignancy() -> BuiltModel:
     clf = lgb.LGBMClassifier(
         n_estimators=200, num_leaves=15, learning_rate=0.05, min_child_samples=10, random_state=0, verbose=-1
     ).fit(x_tr, y_tr)
-    model = convert_lightgbm(
-        clf, initial_types=[("features", FloatTensorType([None, 30]))], zipmap=False, target_opset=15
-    )
-    # The converter declares `label` as shape [1]; it has one entry per row.
-    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    label, proba = _run_onnx(model, {"features": x_te})
-    reference = clf.predict_proba(x_te)
-    diff = check_close("breast_mass_malignancy", proba, reference)
-    if not np.array_equal(label, clf.predict(x_te)):
-        raise RuntimeError("breast_mass_malignancy: ONNX labels differ from LightGBM's")
+    model, reference, diff = _lightgbm_onnx(clf, 30, "breast_mass_malignancy", x_te)
     auroc = roc_auc_score(y_te, reference[:, 1])
     config = ModelConfig(
         name="breast_mass_malignancy",
@@ -217,8 +224,6 @@ Demonstrating and testing the bedside inference server. Not intended for prognos
 
 def _vitals_deterioration() -> BuiltModel:
     import lightgbm as lgb
-    from onnxmltools import convert_lightgbm
-    from onnxmltools.convert.common.data_types import FloatTensorType
     from sklearn.metrics import roc_auc_score
 
     from bedside.streams.features import NAMES, WIDTH
@@ -229,13 +234,7 @@ def _vitals_deterioration() -> BuiltModel:
     clf = lgb.LGBMClassifier(n_estimators=150, num_leaves=15, learning_rate=0.05, random_state=0, verbose=-1).fit(
         x_tr, y_tr
     )
-    model = convert_lightgbm(
-        clf, initial_types=[("features", FloatTensorType([None, WIDTH]))], zipmap=False, target_opset=15
-    )
-    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    _, proba = _run_onnx(model, {"features": x_te})
-    reference = clf.predict_proba(x_te)
-    diff = check_close("vitals_deterioration", proba, reference)
+    model, reference, diff = _lightgbm_onnx(clf, WIDTH, "vitals_deterioration", x_te)
     auroc = roc_auc_score(y_te, reference[:, 1])
     config = ModelConfig(
         name="vitals_deterioration",

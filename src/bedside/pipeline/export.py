@@ -114,28 +114,15 @@ def export_torch(
             warnings.simplefilter("ignore")
             if dynamo:
                 batch = torch.export.Dim("batch", min=1, max=4096)
-                torch.onnx.export(
-                    module,
-                    tensors,
-                    buffer,
-                    input_names=input_names,
-                    output_names=output_names,
-                    opset_version=max(opset, 18),
-                    dynamo=True,
-                    dynamic_shapes=tuple({0: batch} for _ in tensors),
-                )
+                dynamic = {"opset_version": max(opset, 18), "dynamic_shapes": tuple({0: batch} for _ in tensors)}
             else:
-                axes = {n: {0: "batch"} for n in input_names + output_names}
-                torch.onnx.export(
-                    module,
-                    tensors,
-                    buffer,
-                    input_names=input_names,
-                    output_names=output_names,
-                    opset_version=opset,
-                    dynamic_axes=axes,
-                    dynamo=False,
-                )
+                dynamic = {
+                    "opset_version": opset,
+                    "dynamic_axes": {n: {0: "batch"} for n in input_names + output_names},
+                }
+            torch.onnx.export(
+                module, tensors, buffer, input_names=input_names, output_names=output_names, dynamo=dynamo, **dynamic
+            )
     except Exception as exc:  # the exporters raise many types for unsupported operators
         raise ExportError(
             f"PyTorch cannot export this module to ONNX opset {opset}: {str(exc).splitlines()[0][:300]}"

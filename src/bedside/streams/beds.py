@@ -78,7 +78,7 @@ class BedState:
     def features(self, now: float) -> tuple[np.ndarray, float]:
         series = {v: self._recent(v, now) for v in features.NUMERIC}
         level = self._flag(self.consciousness, "consciousness", now)
-        return features.vector(series, bool(self._flag(self.oxygen, "on_oxygen", now)), level in (None, "A"), now)
+        return features.vector(series, bool(self._flag(self.oxygen, "on_oxygen", now)), level in (None, "A"))
 
 
 class Beds:

@@ -19,9 +19,7 @@ NAMES = (*tuple(f"{v}_{k}" for v in NUMERIC for k in ("last", "trend_per_h", "mi
 WIDTH = len(NAMES)
 
 
-def vector(
-    series: dict[str, list[tuple[float, float]]], on_oxygen: bool, alert: bool, now: float
-) -> tuple[np.ndarray, float]:
+def vector(series: dict[str, list[tuple[float, float]]], on_oxygen: bool, alert: bool) -> tuple[np.ndarray, float]:
     """Features from (time, value) series; returns (vector, share of vital signs present)."""
     out = np.zeros(WIDTH, dtype=np.float32)
     present = 0

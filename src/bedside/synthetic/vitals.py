@@ -71,5 +71,5 @@ def dataset(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rows = []
     for label in y:
         series, on_oxygen, alert = trajectory(bool(label), rng)
-        rows.append(vector(series, on_oxygen, alert, 3600.0)[0])
+        rows.append(vector(series, on_oxygen, alert)[0])
     return np.stack(rows), y
