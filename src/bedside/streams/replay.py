@@ -171,6 +171,7 @@ def synthetic_vitals(bed: str, seconds: float, every: float, seed: int) -> list[
     for k in range(steps):
         f = k / steps if worsening else 0.0
         values = {v: base[v] + drift[v] * f + rng.normal(0, 1.0 if v != "temperature" else 0.05) for v in base}
+        values["spo2"] = min(values["spo2"], 100.0)  # a saturation, not a measurement error
         consciousness = "V" if worsening and f > 0.8 else "A"
         out.append(
             (
