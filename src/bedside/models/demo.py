@@ -21,7 +21,7 @@ from bedside.repository.config import ModelConfig, TensorSpec, WarmupSpec
 
 DEMO_STAMP = ".bedside-demo-v3"
 TOLERANCE = 1e-5
-_DEFAULTED = {"threads", "scheduling", "queue_policy", "tenants"}  # left to bedside's defaults
+_DEFAULTED = {"scheduling", "queue_policy", "tenants"}  # left to bedside's defaults
 DISCLAIMER = (
     "**Not for clinical use.** A demonstration model trained on a small public research data set; "
     "it has not been validated prospectively, is not a medical device, and must not inform the "
@@ -306,7 +306,11 @@ def _ecg_rhythm() -> BuiltModel | None:
         name="ecg_rhythm",
         description="Rhythm of a 5 s 12-lead ECG window at 250 Hz (1D-CNN). Trained on SYNTHETIC ECG. "
         "Not for clinical use.",
-        max_batch_size=32,
+        # small batches on two single-threaded instances: a burst of windows waits for at most a few
+        # short runs, not one long one (bench/streams.py: scheduler p99 30 -> 6 ms at 200 beds)
+        max_batch_size=8,
+        instances=2,
+        threads=1,
         inputs=(TensorSpec("ecg", "FP32", (len(LEADS), 1250)),),
         outputs=(TensorSpec("probabilities", "FP32", (len(RHYTHMS),)),),
         warmup=WarmupSpec(batch_sizes=(1, 8), fill="random", iterations=3),

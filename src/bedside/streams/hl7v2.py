@@ -132,14 +132,24 @@ def _component(segment: hl7.Segment, index: int, component: int) -> str:
 
 
 def _hl7_time(text: str, default: float) -> float:
+    """HL7 DTM (YYYYMMDD[HHMM[SS[.S]]][+/-ZZZZ]) as unix seconds, UTC when no offset is given.
+    Integer slicing rather than strptime: this runs for every observation on the event loop."""
     digits = text.split("+")[0].split("-")[0].split(".")[0]
-    for fmt, size in (("%Y%m%d%H%M%S", 14), ("%Y%m%d%H%M", 12), ("%Y%m%d", 8)):
-        if len(digits) >= size:
-            try:
-                return datetime.strptime(digits[:size], fmt).replace(tzinfo=UTC).timestamp()
-            except ValueError:
-                return default
-    return default
+    if len(digits) < 8 or not digits.isdigit():
+        return default
+    try:
+        stamp = datetime(
+            int(digits[0:4]),
+            int(digits[4:6]),
+            int(digits[6:8]),
+            int(digits[8:10] or 0),
+            int(digits[10:12] or 0),
+            int(digits[12:14] or 0),
+            tzinfo=UTC,
+        )
+    except ValueError:
+        return default
+    return stamp.timestamp()
 
 
 def parse_oru(raw: str, now: float | None = None) -> VitalsMessage:
