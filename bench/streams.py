@@ -69,7 +69,8 @@ def build_repo(root: Path, int8: bool) -> None:
         fp32.write_bytes(quantized.read_bytes())
         quantized.unlink()
     (root / "ecg_rhythm" / "config.toml").write_text(
-        'max_batch_size = 8\ninstances = 2\nthreads = 1\n[[inputs]]\nname = "ecg"\ndatatype = "FP32"\nshape = [12, 1250]\n'
+        "max_batch_size = 8\ninstances = 2\nthreads = 1\n"
+        '[[inputs]]\nname = "ecg"\ndatatype = "FP32"\nshape = [12, 1250]\n'
         '[[outputs]]\nname = "probabilities"\ndatatype = "FP32"\nshape = [5]\n'
     )
 
