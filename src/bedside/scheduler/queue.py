@@ -159,15 +159,6 @@ class RequestQueue:
         if exec_ns is not None:
             self.exec_ewma_ns = exec_ns if not self.exec_ewma_ns else (1 - _EWMA) * self.exec_ewma_ns + _EWMA * exec_ns
 
-    def drain(self) -> list[Job]:
-        jobs = [job for lane in self._lanes.values() for job in lane]
-        self._lanes.clear()
-        self._waiting = [0] * (self.levels + 1)
-        self._waiting_rows = [0] * (self.levels + 1)
-        self._with_deadline = 0
-        self.done(jobs)
-        return jobs
-
     def depth(self) -> dict[str, int]:
         out = {str(level + 1): self._waiting[level] for level in range(self.levels)}
         out["overdue"] = self._waiting[self.levels]
