@@ -9,8 +9,9 @@ connection they came from.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from bedside.streams.hl7v2 import HL7Error, VitalsMessage, ack, parse_oru
 
@@ -24,16 +25,21 @@ def frame(text: str) -> bytes:
 
 
 class MLLPServer:
+    """`on_message` stores a parsed message (it may be a coroutine); the ACK goes out only when it
+    returns, and an HL7Error it raises becomes the NAK. `on_change` hears of every counter change."""
+
     def __init__(
         self,
-        on_message: Callable[[VitalsMessage], None],
+        on_message: Callable[[VitalsMessage], Awaitable[None] | None],
         host: str = "127.0.0.1",
         port: int = 2575,
         max_frame: int = MAX_FRAME,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.on_message = on_message
+        self.on_change = on_change
         self.host, self.port, self.max_frame = host, port, max_frame
-        self.accepted = self.rejected = self.connections = 0
+        self.accepted = self.rejected = self.connections = self.open_connections = 0
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -47,6 +53,8 @@ class MLLPServer:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open_connections += 1
+        self._changed()
         buffer = b""
         try:
             while True:
@@ -66,29 +74,40 @@ class MLLPServer:
                             writer.write(frame(ack("", "AR", f"frame exceeds {self.max_frame} bytes")))
                             await writer.drain()
                             self.rejected += 1
+                            self._changed()
                             return
                         break
                     payload, buffer = buffer[start + 1 : end], buffer[end + 2 :]
-                    writer.write(frame(self._answer(payload)))
+                    writer.write(frame(await self._answer(payload)))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         except Exception:
             log.exception("MLLP connection failed; the listener keeps running")
         finally:
+            self.open_connections -= 1
+            self._changed()
             writer.close()
 
-    def _answer(self, payload: bytes) -> str:
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    async def _answer(self, payload: bytes) -> str:
         text = payload.decode("utf-8", errors="replace")
         try:
             message = parse_oru(text)
-            self.on_message(message)
+            stored = self.on_message(message)
+            if inspect.isawaitable(stored):
+                await stored
         except HL7Error as exc:
             self.rejected += 1
+            self._changed()
             return ack(text, exc.code, str(exc), exc.control_id)
         except Exception as exc:  # a bug handling one message must not cost the others
             log.exception("failed to process an HL7 message")
             self.rejected += 1
+            self._changed()
             return ack(text, "AE", f"internal error: {type(exc).__name__}")
         self.accepted += 1
         note = f"{message.ignored} observations with unused codes ignored" if message.ignored else ""

@@ -17,7 +17,7 @@ from bedside.alerts.bus import AlertBus
 from bedside.engine import Engine
 from bedside.streams.beds import Beds
 from bedside.streams.ecg import ChunkError, ECGWindows, classify, decode_chunk
-from bedside.streams.mllp import MLLPServer
+from bedside.streams.ingest import IngestProcess
 from bedside.streams.scorer import VitalsScorer
 
 KEEPALIVE_S = 15.0
@@ -48,14 +48,14 @@ class Streams:
         self.beds = Beds()
         self.bus = AlertBus()
         self.scorer = VitalsScorer(engine, self.beds, self.bus, self.config.vitals_model, self.config.score_interval_s)
-        self.mllp: MLLPServer | None = None
+        self.mllp: IngestProcess | None = None
         self.ecg_results = 0
         self.ecg_latencies_ms: list[float] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         if self.config.mllp_port is not None:
-            self.mllp = MLLPServer(self.beds.add, self.config.mllp_host, self.config.mllp_port)
+            self.mllp = IngestProcess(self.beds.add, self.config.mllp_host, self.config.mllp_port)
             await self.mllp.start()
         self._tasks.append(asyncio.create_task(self.scorer.run()))
 
@@ -75,6 +75,8 @@ class Streams:
                 "accepted": self.mllp.accepted,
                 "rejected": self.mllp.rejected,
                 "connections": self.mllp.connections,
+                "open_connections": self.mllp.open_connections,
+                "ingest_restarts": self.mllp.restarts,
             },
             "scoring": {
                 "interval_s": self.config.score_interval_s,
