@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import shutil
 import socket
 import time
@@ -285,6 +286,7 @@ def test_hl7_vitals_flow_to_scores_and_alerts(streams_server):
     assert "X1" not in orjson.dumps(events).decode()  # the patient identifier never leaves in an event
     status = get_json(streams_server.port, "/v2/streams")
     assert status["beds"] == 2 and status["mllp"]["accepted"] == 2 and status["mllp"]["rejected"] == 1
+    assert status["mllp"]["ingest_pid"] != os.getpid() and status["mllp"]["ingest_restarts"] == 0
     assert status["scoring"]["model_p99_ms"] is not None
 
 

@@ -69,6 +69,10 @@ class IngestProcess:
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
     async def start(self) -> None:
         """Start the child and wait until it listens; raises OSError when it cannot."""
         await self._spawn()

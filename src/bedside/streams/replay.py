@@ -126,12 +126,14 @@ async def send_ecg(
     async with connect(ws_url, max_queue=None) as ws:
 
         async def receive() -> None:
-            while len([r for r in stats.ecg_results if r.get("bed") == bed]) < expected:
+            received = 0
+            while received < expected:
                 doc = orjson.loads(await ws.recv())
                 if doc.get("type") == "error":
                     stats.errors.append(doc["error"])
                 else:
                     stats.ecg_results.append(doc)
+                    received += 1
 
         receiver = asyncio.create_task(receive())
         await asyncio.sleep(phase / speed)

@@ -76,6 +76,7 @@ class Streams:
                 "rejected": self.mllp.rejected,
                 "connections": self.mllp.connections,
                 "open_connections": self.mllp.open_connections,
+                "ingest_pid": self.mllp.pid,
                 "ingest_restarts": self.mllp.restarts,
             },
             "scoring": {
