@@ -1,9 +1,10 @@
 """How many beds one box sustains in real time: each bed streams 12-lead ECG at 250 Hz over a
-WebSocket (0.2 s chunks, a 5 s window classified every second; beds start at staggered phases, as
-independent monitors do) and vital signs over HL7/MLLP every second; the scorer also runs
+WebSocket (0.2 s or 1 s chunks, a 5 s window classified every second; beds start at staggered
+phases, as independent monitors do) and vital signs over HL7/MLLP every second, all beds' HL7 in the
+same instant (the worst case: a central station forwarding a ward at once); the scorer also runs
 NEWS2/qSOFA and the deterioration model every 15 s.
 
-    python bench/streams.py [--beds 50,100,200,300] [--seconds 15]
+    python bench/streams.py [--beds 50,100,200,300,400] [--seconds 15]
 
 Window->score latency is what the server measures per window (route, queue, batch, model, result).
 The ECG model is the 1D-CNN reference architecture (random weights: cost, not accuracy), FP32 and
@@ -99,7 +100,7 @@ def level(port: int, mllp: int, beds: int, seconds: float, chunk: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--beds", default="50,100,200,300")
+    parser.add_argument("--beds", default="50,100,200,300,400")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each level's real-time run")
     parser.add_argument("--chunks", default="50,250", help="ECG samples per WebSocket message (50 = 0.2 s, 250 = 1 s)")
     parser.add_argument("--precisions", default="fp32,int8")

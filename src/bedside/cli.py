@@ -49,21 +49,37 @@ def serve(
     mllp_port: Annotated[int, typer.Option(help="HL7v2/MLLP listener port for patient monitors; -1: none.")] = 2575,
     score_interval: Annotated[float, typer.Option(help="Seconds between per-bed vital-sign scorings.")] = 15.0,
     streams: Annotated[bool, typer.Option(help="Run the bedside streams (HL7 vitals, ECG, alerts).")] = True,
+    alerts_hl7: Annotated[
+        str | None, typer.Option(help="Also send every alert as HL7 ORU^R01 over MLLP to HOST:PORT.")
+    ] = None,
 ) -> None:
     """Serve every model in the repository over OIP v2 REST (KServe / Triton / MLServer clients work),
     with the bedside streams: HL7v2 vitals over MLLP, ECG over WebSocket, alerts over SSE."""
     from bedside.server.run import serve as run_server
     from bedside.streams.service import StreamsConfig
 
+    target = None
+    if alerts_hl7 is not None:
+        target_host, _, target_port = alerts_hl7.rpartition(":")
+        if not target_host or not target_port.isdigit():
+            console.print(f"[red]--alerts-hl7 wants HOST:PORT, got {alerts_hl7!r}[/red]")
+            raise typer.Exit(2)
+        target = (target_host, int(target_port))
     root = _repository(repository)
     config = (
-        StreamsConfig(mllp_host=host, mllp_port=None if mllp_port < 0 else mllp_port, score_interval_s=score_interval)
+        StreamsConfig(
+            mllp_host=host,
+            mllp_port=None if mllp_port < 0 else mllp_port,
+            score_interval_s=score_interval,
+            alerts_hl7=target,
+        )
         if streams
         else None
     )
     console.print(
         f"bedside serving [bold]{root}[/bold] on http://{host}:{port}/v2"
         + (f", HL7 MLLP on {host}:{mllp_port}" if config and config.mllp_port is not None else "")
+        + (f", alerts as HL7 to {alerts_hl7}" if target else "")
     )
     run_server(root, host, port, max_body_mb << 20, log_level, config)
 

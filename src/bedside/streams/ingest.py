@@ -278,7 +278,8 @@ async def _child(fd: int, host: str, port: int, max_frame: int) -> int:
     try:
         await link.answers()
     finally:
-        await server.close()
+        with contextlib.suppress(TimeoutError):  # monitors still connected must not keep an orphan alive
+            await asyncio.wait_for(server.close(), 1.0)
     return 0
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 
 from bedside.alerts.bus import AlertBus
+from bedside.alerts.hl7out import HL7AlertSender
 from bedside.engine import Engine
 from bedside.streams.beds import Beds
 from bedside.streams.ecg import ChunkError, ECGWindows, classify, decode_chunk
@@ -39,6 +40,7 @@ class StreamsConfig:
     score_interval_s: float = 15.0
     vitals_model: str = "vitals_deterioration"
     ecg_model: str = "ecg_rhythm"
+    alerts_hl7: tuple[str, int] | None = None  # send alerts as HL7 ORU^R01 over MLLP to (host, port)
 
 
 class Streams:
@@ -49,6 +51,7 @@ class Streams:
         self.bus = AlertBus()
         self.scorer = VitalsScorer(engine, self.beds, self.bus, self.config.vitals_model, self.config.score_interval_s)
         self.mllp: IngestProcess | None = None
+        self.hl7_out = HL7AlertSender(self.bus, *self.config.alerts_hl7) if self.config.alerts_hl7 else None
         self.ecg_results = 0
         self.ecg_latencies_ms: list[float] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -57,11 +60,15 @@ class Streams:
         if self.config.mllp_port is not None:
             self.mllp = IngestProcess(self.beds.add, self.config.mllp_host, self.config.mllp_port)
             await self.mllp.start()
+        if self.hl7_out is not None:
+            self.hl7_out.start()
         self._tasks.append(asyncio.create_task(self.scorer.run()))
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self.hl7_out is not None:
+            await self.hl7_out.close()
         if self.mllp is not None:
             await self.mllp.close()
 
@@ -86,7 +93,11 @@ class Streams:
                 "model_p99_ms": _p99(self.scorer.latencies_ms),
             },
             "ecg": {"windows": self.ecg_results, "p99_ms": _p99(self.ecg_latencies_ms)},
-            "alerts": {"published": self.bus.published, "dropped_by_slow_subscribers": self.bus.dropped},
+            "alerts": {
+                "published": self.bus.published,
+                "dropped_by_slow_subscribers": self.bus.dropped,
+                "hl7_out": None if self.hl7_out is None else self.hl7_out.status(),
+            },
         }
 
     def beds_view(self) -> list[dict[str, Any]]:
