@@ -9,17 +9,17 @@ NEWS2/qSOFA and the deterioration model every 15 s.
 Window->score latency is what the server measures per window (route, queue, batch, model, result).
 The ECG model is the 1D-CNN reference architecture (random weights: cost, not accuracy), FP32 and
 INT8 (static, calibrated on SYNTHETIC ECG). All streams are SYNTHETIC (bedside.synthetic). The load
-generator shares the box's two cores with the server. Prints a table; writes JSON and a PNG curve.
+generator (bench/_streams_load.py, its own lean process) shares the box's two cores with the server.
+Each level gets a fresh server. Prints a table; writes JSON and a PNG curve.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -27,9 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, console, free_port, machine, start_server, table, write_results
-from bedside.streams.replay import ReplayStats, replay
 
 TARGET_P99_MS = 10.0
+LOAD = Path(__file__).parent / "_streams_load.py"
 
 
 def build_repo(root: Path, int8: bool) -> None:
@@ -77,11 +77,13 @@ def build_repo(root: Path, int8: bool) -> None:
 
 
 def level(port: int, mllp: int, beds: int, seconds: float, chunk: int) -> dict:
-    stats: ReplayStats = asyncio.run(
-        replay(f"http://127.0.0.1:{port}", ("127.0.0.1", mllp), beds, seconds, 1.0, vitals_every=1.0, chunk=chunk)
+    load = subprocess.run(
+        [sys.executable, str(LOAD), *map(str, (port, mllp, beds, seconds, chunk))],
+        capture_output=True,
+        check=True,
     )
-    latencies = [r["latency_ms"] for r in stats.ecg_results if r.get("latency_ms") is not None]
-    summary = stats.summary()
+    result = json.loads(load.stdout)
+    latencies, summary = result["latencies_ms"], result["summary"]
     status = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/streams"))
     return {
         "beds": beds,
@@ -111,28 +113,27 @@ def main() -> None:
     for precision in args.precisions.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             build_repo(Path(tmp), precision == "int8")
-            mllp = free_port()
-            proc, port = start_server(Path(tmp), "--mllp-port", str(mllp), "--score-interval", args.score_interval)
-            try:
-                for chunk, beds in [(c, b) for c in (int(x) for x in args.chunks.split(",")) for b in counts]:
-                    time.sleep(1.0)  # let the previous level's connections close
+            for chunk, beds in [(c, b) for c in (int(x) for x in args.chunks.split(",")) for b in counts]:
+                mllp = free_port()
+                proc, port = start_server(Path(tmp), "--mllp-port", str(mllp), "--score-interval", args.score_interval)
+                try:
                     row = {
                         "model": f"ecg_cnn_{precision}",
                         "chunk_s": chunk / 250,
                         **level(port, mllp, beds, args.seconds, chunk),
                     }
-                    row["realtime_ok"] = bool(
-                        row["p99_ms"] is not None
-                        and row["p99_ms"] <= TARGET_P99_MS
-                        and row["ecg_windows"] >= 0.98 * row["expected_windows"]
-                        and row["hl7_acked"] == row["hl7_sent"]
-                    )
-                    rows.append(row)
-                    windows = f"{row['ecg_windows']}/{row['expected_windows']}"
-                    console.print(f"  {precision} chunk {chunk} {beds} beds: p99 {row['p99_ms']} ms, windows {windows}")
-            finally:
-                proc.terminate()
-                proc.wait(10)
+                finally:
+                    proc.terminate()
+                    proc.wait(10)
+                row["realtime_ok"] = bool(
+                    row["p99_ms"] is not None
+                    and row["p99_ms"] <= TARGET_P99_MS
+                    and row["ecg_windows"] >= 0.98 * row["expected_windows"]
+                    and row["hl7_acked"] == row["hl7_sent"]
+                )
+                rows.append(row)
+                windows = f"{row['ecg_windows']}/{row['expected_windows']}"
+                console.print(f"  {precision} chunk {chunk} {beds} beds: p99 {row['p99_ms']} ms, windows {windows}")
     table(
         f"beds sustained in real time ({args.seconds:g} s per level)",
         rows,

@@ -40,6 +40,7 @@ STORED, FAILED = 0, 1
 START_TIMEOUT_S = 30.0
 STORE_TIMEOUT_S = 5.0  # a monitor waits no longer than this for its ACK
 RESTART_BACKOFF_S = (0.5, 30.0)
+SLICE = 16  # messages stored per turn of the serving loop
 
 
 def _frame(doc: dict[str, Any]) -> bytes:
@@ -169,15 +170,25 @@ class _ParentLink(asyncio.Protocol):
         self.lost: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
+        self.scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.scheduled:
+            self._take()
+
+    def _take(self) -> None:
+        """Store at most SLICE messages, then let the loop run: a ward's burst is spread over several
+        loop turns instead of holding the ECG results back for all of it."""
+        self.scheduled = False
         buffer = self.buffer
-        buffer += data
         answers = bytearray()
-        while len(buffer) >= 4:
+        for _ in range(SLICE):
+            if len(buffer) < 4:
+                break
             size = int.from_bytes(buffer[:4], "little")
             if len(buffer) < 4 + size:
                 break
@@ -192,8 +203,11 @@ class _ParentLink(asyncio.Protocol):
                 self.listening.set_result(doc["port"])
             elif "error" in doc and not self.listening.done():
                 self.listening.set_exception(OSError(doc["error"]))
+        else:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._take)
         if answers and self.transport is not None:
-            self.transport.write(bytes(answers))  # one write for every message in this read
+            self.transport.write(bytes(answers))  # one write for the messages of this turn
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.listening.done():
