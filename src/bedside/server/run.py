@@ -33,5 +33,6 @@ def serve(
         access_log=False,  # no per-request logging on the hot path
         log_level=log_level,
         timeout_keep_alive=30,
+        ws_per_message_deflate=False,  # float32 ECG samples barely compress; deflate cost CPU on every chunk
     )
     uvicorn.Server(config).run()

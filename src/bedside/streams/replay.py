@@ -123,7 +123,7 @@ async def send_ecg(
 
     ws_url = url.replace("http://", "ws://").replace("https://", "wss://").rstrip("/") + f"/v2/streams/ecg/{bed}"
     expected = max(0, (ecg.shape[1] - 5 * FS) // FS + 1)
-    async with connect(ws_url, max_queue=None) as ws:
+    async with connect(ws_url, max_queue=None, compression=None) as ws:  # samples barely compress
 
         async def receive() -> None:
             received = 0
