@@ -42,11 +42,14 @@ def decode_chunk(data: bytes) -> np.ndarray:
 
 
 class ECGWindows:
-    """The last WINDOW samples of one bed; yields a window every HOP samples once it is full."""
+    """The last WINDOW samples of one bed; yields a window every HOP samples once it is full.
+    Samples are appended into spare room and the tail moved to the front only when it runs out,
+    so a chunk costs one copy of itself, not a shift of the whole window."""
 
-    def __init__(self, window: int = WINDOW, hop: int = HOP) -> None:
+    def __init__(self, window: int = WINDOW, hop: int = HOP, spare: int = 5 * HOP) -> None:
         self.window, self.hop = window, hop
-        self.buffer = np.zeros((len(LEADS), window), dtype=np.float32)
+        self.storage = np.zeros((len(LEADS), window + spare), dtype=np.float32)
+        self.end = 0  # samples held: storage[:, :end]
         self.samples = 0
         self._next = window
 
@@ -54,15 +57,19 @@ class ECGWindows:
         """Append samples [n, 12]; windows end exactly every `hop` samples, whatever the chunking."""
         ready = []
         pos = 0
+        capacity = self.storage.shape[1]
         while pos < len(chunk):
-            take = min(len(chunk) - pos, self._next - self.samples)
-            part = chunk[pos : pos + take].T
-            self.buffer = np.roll(self.buffer, -take, axis=1)
-            self.buffer[:, -take:] = part
+            take = min(len(chunk) - pos, self._next - self.samples, capacity - self.window)
+            if self.end + take > capacity:
+                keep = min(self.end, self.window)
+                self.storage[:, :keep] = self.storage[:, self.end - keep : self.end]
+                self.end = keep
+            self.storage[:, self.end : self.end + take] = chunk[pos : pos + take].T
+            self.end += take
             self.samples += take
             pos += take
             if self.samples == self._next:
-                ready.append((self.samples, self.buffer.copy()))
+                ready.append((self.samples, self.storage[:, self.end - self.window : self.end].copy()))
                 self._next += self.hop
         return ready
 
