@@ -14,6 +14,8 @@ import numpy as np
 import orjson
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bedside.alerts.bus import AlertBus
 from bedside.engine import Engine
@@ -165,6 +167,20 @@ def test_ecg_windows_heart_rate_and_chunk_checks():
         decode_chunk(b"\x00" * 50)
     with pytest.raises(ValueError, match="NaN"):
         decode_chunk(np.full((2, 12), np.nan, np.float32).tobytes())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 2000), min_size=1, max_size=40))
+def test_ecg_windows_are_exact_whatever_the_chunking(sizes):
+    signal = np.arange(12 * 9000, dtype=np.float32).reshape(9000, 12)
+    windows, ready, start, k = ECGWindows(), [], 0, 0
+    while start < len(signal):
+        ready += windows.push(signal[start : start + sizes[k % len(sizes)]])
+        start += sizes[k % len(sizes)]
+        k += 1
+    assert [end for end, _ in ready] == list(range(1250, 9001, 250))  # every hop, none skipped or doubled
+    for end, window in ready:
+        np.testing.assert_array_equal(window, signal[end - 1250 : end].T)
 
 
 # --- end to end: a real server with streams ---------------------------------------------------------
