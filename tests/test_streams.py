@@ -385,3 +385,16 @@ def test_replay_feeds_a_running_server_and_summarises(streams_server, tmp_path):
         )
     )
     assert stats.summary()["hl7_acked"] == 3
+
+
+def test_replaying_the_real_cart_ecg_gives_its_heart_rate(streams_server):
+    pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    from bedside.streams.replay import replay
+
+    cart = get_testdata_file("waveform_ecg.dcm")
+    stats = asyncio.run(replay(streams_server.url, None, beds=1, seconds=8.0, speed=4.0, ecg_file=cart))
+    assert stats.summary()["errors"] == [] and len(stats.ecg_results) == 4
+    for result in stats.ecg_results:  # sinus at RR 982 ms per the cart: 61 / min
+        assert result["source"] == "ecg_rhythm v1" and abs(result["heart_rate"] - 61.1) < 3

@@ -333,12 +333,17 @@ def replay(
     hl7_file: Annotated[
         Path | None, typer.Option(help="Replay recorded HL7 messages from a file instead of generating them.")
     ] = None,
+    ecg_file: Annotated[
+        Path | None,
+        typer.Option(help="Stream a recorded DICOM 12-lead ECG (looped) for every bed instead of SYNTHETIC ECG."),
+    ] = None,
 ) -> None:
     """Feed SYNTHETIC (or recorded) HL7 vitals and 12-lead ECG into a running bedside; print a summary."""
     import asyncio
 
     from rich.progress import BarColumn, Progress, TextColumn
 
+    from bedside.streams.ecgfile import ECGFileError
     from bedside.streams.replay import replay as run_replay
 
     target = None
@@ -362,7 +367,12 @@ def replay(
             bar.update(ecg_task, completed=len(stats.ecg_results))
 
         try:
-            stats = asyncio.run(run_replay(url, target, beds, seconds, speed, vitals_every, ecg, hl7_file, update))
+            stats = asyncio.run(
+                run_replay(url, target, beds, seconds, speed, vitals_every, ecg, hl7_file, update, ecg_file=ecg_file)
+            )
+        except ECGFileError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
         except OSError as exc:
             console.print(f"[red]cannot reach bedside: {exc}[/red]")
             raise typer.Exit(1) from None

@@ -1,5 +1,6 @@
 """Feed recorded or generated HL7 and ECG streams into a running bedside, at real time or faster,
-for demonstrations and load tests. Generated streams are SYNTHETIC (bedside.synthetic).
+for demonstrations and load tests. Generated streams are SYNTHETIC (bedside.synthetic); recorded
+ones are HL7 files and DICOM 12-lead ECGs (bedside.streams.ecgfile).
 
 Each bed gets its own MLLP connection (vital signs as ORU^R01, checked ACK by ACK) and its own
 ECG WebSocket (12-lead float32 chunks at 250 Hz); every ECG result that comes back is kept, so the
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from bedside.streams.ecgfile import looped, read_dicom_ecg
 from bedside.streams.mllp import END, START, frame
 from bedside.synthetic.ecg import FS, RHYTHMS, generate
 
@@ -202,7 +204,9 @@ async def replay(
     hl7_file: Path | None = None,
     progress: Callable[[ReplayStats], None] | None = None,
     chunk: int = 50,
+    ecg_file: Path | None = None,
 ) -> ReplayStats:
+    """`ecg_file`: a recorded DICOM 12-lead ECG streamed (looped) for every bed instead of SYNTHETIC ECG."""
     stats = ReplayStats()
     tasks = []
     names = [f"REPLAY-{i + 1:03d}" for i in range(beds)]
@@ -217,8 +221,9 @@ async def replay(
             ]
     if ecg:
         rng = np.random.default_rng(7)
+        recorded = looped(read_dicom_ecg(ecg_file).samples, seconds) if ecg_file is not None else None
         for i, bed in enumerate(names):
-            recording = generate(RHYTHMS[i % len(RHYTHMS)], seconds, rng)
+            recording = recorded if recorded is not None else generate(RHYTHMS[i % len(RHYTHMS)], seconds, rng)
             tasks.append(send_ecg(url, bed, recording, speed, stats, chunk=chunk, phase=i / max(1, beds)))
 
     async def report() -> None:
