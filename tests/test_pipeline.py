@@ -234,6 +234,27 @@ def test_synthetic_ecg_is_labelled_and_plausible():
         generate("torsades")
 
 
+def test_synthetic_arrhythmia_episodes_change_rhythm_within_one_patient():
+    from bedside.streams.ecg import LEAD_II, heart_rate
+    from bedside.synthetic.ecg import FS, RHYTHMS, episodes
+
+    schedule = [("normal_sinus", 10.0), ("atrial_fibrillation", 10.0), ("sinus_bradycardia", 10.0)]
+    ecg, labels = episodes(schedule, np.random.default_rng(3))
+    assert ecg.shape == (12, 30 * FS) and labels.shape == (30 * FS,)
+    assert [RHYTHMS[labels[k * 10 * FS]] for k in range(3)] == [r for r, _ in schedule]
+    lead_ii = ecg[LEAD_II].astype(np.float64)
+    intervals = []
+    for k in range(3):  # R peaks per episode, by the stream's own detector
+        segment = lead_ii[k * 10 * FS : (k + 1) * 10 * FS]
+        rate = heart_rate(segment)
+        peaks = np.flatnonzero((segment[1:-1] > 0.5) & (segment[1:-1] >= segment[:-2]) & (segment[1:-1] > segment[2:]))
+        intervals.append(np.diff(peaks) / FS)
+        assert rate is not None and (rate < 60 if k == 2 else rate >= 60)
+    sinus_cv, af_cv = (np.std(i) / np.mean(i) for i in intervals[:2])
+    assert sinus_cv < 0.06 < 0.1 < af_cv  # sinus is regular, fibrillation irregularly irregular
+    assert np.diff(np.flatnonzero(labels[1:] != labels[:-1])).min() == 10 * FS  # changes at the episode bounds only
+
+
 @pytest.mark.skipif(
     "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(), reason="no CUDA on this box"
 )

@@ -20,7 +20,7 @@ import orjson
 
 from bedside.streams.ecgfile import looped, read_dicom_ecg
 from bedside.streams.mllp import END, START, frame
-from bedside.synthetic.ecg import FS, RHYTHMS, generate
+from bedside.synthetic.ecg import FS, RHYTHMS, episodes
 
 VITAL_CODES = {
     "heart_rate": ("8867-4", "/min"),
@@ -149,6 +149,14 @@ async def send_ecg(
         await asyncio.wait_for(receiver, 30)
 
 
+def _patient_ecg(index: int, seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """SYNTHETIC ECG for one bed: sinus rhythm with an arrhythmia episode in the middle third (the
+    rhythm depends on the bed, so a ward shows each kind), or sinus throughout for every fifth bed."""
+    episode = RHYTHMS[index % len(RHYTHMS)]
+    third = seconds / 3
+    return episodes([("normal_sinus", third), (episode, third), ("normal_sinus", seconds - 2 * third)], rng)[0]
+
+
 def synthetic_vitals(bed: str, seconds: float, every: float, seed: int) -> list[tuple[float, str]]:
     """HL7 messages for one bed: a SYNTHETIC trajectory, deteriorating for every third bed."""
     rng = np.random.default_rng(seed)
@@ -223,7 +231,7 @@ async def replay(
         rng = np.random.default_rng(7)
         recorded = looped(read_dicom_ecg(ecg_file).samples, seconds) if ecg_file is not None else None
         for i, bed in enumerate(names):
-            recording = recorded if recorded is not None else generate(RHYTHMS[i % len(RHYTHMS)], seconds, rng)
+            recording = recorded if recorded is not None else _patient_ecg(i, seconds, rng)
             tasks.append(send_ecg(url, bed, recording, speed, stats, chunk=chunk, phase=i / max(1, beds)))
 
     async def report() -> None:

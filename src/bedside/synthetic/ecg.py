@@ -51,8 +51,12 @@ def _beat(
     return out
 
 
-def _rr_intervals(rhythm: str, seconds: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Beat times (s) and a flag per beat: True for a premature ventricular beat."""
+def _rr_intervals(
+    rhythm: str, seconds: float, rng: np.random.Generator, after: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Beat times (s) and a flag per beat: True for a premature ventricular beat. `after`: the time of
+    the last beat of the rhythm before (an episode starting), so the first beat keeps the new rhythm's
+    interval instead of a random phase."""
     rate = {
         "normal_sinus": (60, 100),
         "sinus_bradycardia": (40, 58),
@@ -62,7 +66,7 @@ def _rr_intervals(rhythm: str, seconds: float, rng: np.random.Generator) -> tupl
     }[rhythm]
     mean_rr = 60.0 / rng.uniform(*rate)
     times, pvc = [], []
-    t = rng.uniform(0, mean_rr)
+    t = rng.uniform(0, mean_rr) if after is None else after + mean_rr
     while t < seconds + 1.0:
         premature = rhythm == "pvc" and len(times) > 0 and not pvc[-1] and rng.random() < 0.25
         times.append(t)
@@ -82,32 +86,59 @@ def _rr_intervals(rhythm: str, seconds: float, rng: np.random.Generator) -> tupl
 
 def generate(rhythm: str, seconds: float = 5.0, rng: np.random.Generator | None = None, fs: int = FS) -> np.ndarray:
     """One SYNTHETIC 12-lead recording, shape [12, seconds * fs], float32 millivolts."""
-    if rhythm not in RHYTHMS:
-        raise ValueError(f"unknown rhythm {rhythm!r}; choose one of {', '.join(RHYTHMS)}")
+    return episodes([(rhythm, seconds)], rng, fs)[0]
+
+
+def episodes(
+    schedule: list[tuple[str, float]], rng: np.random.Generator | None = None, fs: int = FS
+) -> tuple[np.ndarray, np.ndarray]:
+    """One SYNTHETIC patient whose rhythm changes: `schedule` is [(rhythm, seconds), ...], e.g. sinus,
+    then an episode of atrial fibrillation, then sinus again. Returns the recording [12, n] (float32
+    mV) and each sample's rhythm index in RHYTHMS. The patient (lead amplitudes, wander, noise) stays
+    the same across episodes; each episode's first beat follows the last one at its own interval."""
+    for rhythm, _ in schedule:
+        if rhythm not in RHYTHMS:
+            raise ValueError(f"unknown rhythm {rhythm!r}; choose one of {', '.join(RHYTHMS)}")
     rng = rng or np.random.default_rng()
-    n = round(seconds * fs)
+    n = round(sum(seconds for _, seconds in schedule) * fs)
     t = np.arange(n) / fs
-    beats, premature = _rr_intervals(rhythm, seconds, rng)
-    heart_rate = 60.0 / max(np.median(np.diff(beats)) if len(beats) > 1 else 1.0, 0.25)
-    qt_scale = float(np.clip(np.sqrt(60.0 / heart_rate), 0.75, 1.15))
+    labels = np.zeros(n, dtype=np.int64)
+    fibrillating = np.zeros(n)
+    beats: list[tuple[float, bool, bool, float]] = []  # centre, premature, P wave, QT scale
+    begin = 0.0
+    for k, (rhythm, seconds) in enumerate(schedule):
+        last = k == len(schedule) - 1
+        times, premature = _rr_intervals(rhythm, seconds, rng, beats[-1][0] - begin if beats else None)
+        times = times + begin
+        keep = times < (begin + seconds + 1.0 if last else begin + seconds)
+        times, premature = times[keep], premature[keep]
+        rate = 60.0 / max(np.median(np.diff(times)) if len(times) > 1 else 1.0, 0.25)
+        qt_scale = float(np.clip(np.sqrt(60.0 / rate), 0.75, 1.15))  # the QT shortens as the rate rises
+        p_wave = rhythm != "atrial_fibrillation"
+        beats += [(c, bool(v), p_wave, qt_scale) for c, v in zip(times, premature, strict=True)]
+        span = slice(round(begin * fs), round((begin + seconds) * fs))
+        labels[span] = RHYTHMS.index(rhythm)
+        if rhythm == "atrial_fibrillation":
+            fibrillating[span] = 1.0
+        begin += seconds
     scale = rng.uniform(0.8, 1.2)  # body habitus, electrode placement
-    p_wave = rhythm != "atrial_fibrillation"
     signals: dict[str, np.ndarray] = {}
     for lead, amps in _AMP.items():
         a = tuple(scale * v * rng.uniform(0.9, 1.1) for v in amps)
         pvc_amps = (0.0, 0.0, -1.3 * a[2] if lead in ("V1", "V2") else 1.4 * a[2], -0.6 * abs(a[3]), -1.2 * a[4])
         x = np.zeros(n)
-        for centre, is_pvc in zip(beats, premature, strict=True):
+        for centre, is_pvc, p_wave, qt_scale in beats:
             if is_pvc:
                 x += _beat(t, centre, pvc_amps, _PVC_TIMING, False, qt_scale)
             else:
                 x += _beat(t, centre, a, _TIMING, p_wave, qt_scale)
-        if rhythm == "atrial_fibrillation":
+        if fibrillating.any():
             f = rng.uniform(4, 9)
             x += (
                 rng.uniform(0.03, 0.08)
                 * np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
                 * (1 + 0.3 * np.sin(2 * np.pi * 0.3 * t))
+                * fibrillating
             )
         signals[lead] = x
     i, ii = signals["I"], signals["II"]
@@ -119,7 +150,7 @@ def generate(rhythm: str, seconds: float = 5.0, rng: np.random.Generator | None 
     wander = 0.1 * np.sin(2 * np.pi * rng.uniform(0.15, 0.3) * t + rng.uniform(0, 2 * np.pi))
     mains = 0.01 * np.sin(2 * np.pi * rng.choice([50.0, 60.0]) * t)
     out += wander + mains + rng.normal(0, 0.015, out.shape)
-    return out.astype(np.float32)
+    return out.astype(np.float32), labels
 
 
 def dataset(count: int, seconds: float = 5.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
