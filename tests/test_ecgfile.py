@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bedside.streams.ecg import LEAD_II, WINDOW, heart_rate
+from bedside.streams.ecg import LEAD_II, WINDOW, confirmed, heart_rate, r_peaks, rr_irregularity
 from bedside.streams.ecgfile import ECGFileError, _derive_limb_leads, looped, read_dicom_ecg
 from bedside.synthetic.ecg import FS, LEADS
 
@@ -68,3 +68,22 @@ def test_a_recording_is_looped_to_the_requested_length():
     longer = looped(ecg, 25.0)
     assert longer.shape == (12, 25 * FS)
     np.testing.assert_array_equal(longer[:, 10 * FS : 20 * FS], ecg)
+
+
+def test_an_af_call_on_regular_real_beats_is_not_confirmed():
+    """The synthetic-trained model calls this real sinus ECG AF; its R-R intervals say otherwise."""
+    from bedside.synthetic.ecg import episodes
+
+    real = read_dicom_ecg(CART).samples
+    for start in range(0, real.shape[1] - WINDOW + 1, FS):
+        irregularity = rr_irregularity(r_peaks(real[LEAD_II, start : start + WINDOW]))
+        assert irregularity is not None and irregularity < 0.05
+        assert not confirmed("atrial_fibrillation", irregularity)
+        assert confirmed("normal_sinus", irregularity) and confirmed("pvc", irregularity)
+    af, _ = episodes([("atrial_fibrillation", 30.0)], np.random.default_rng(4))  # SYNTHETIC
+    calls = [
+        confirmed("atrial_fibrillation", rr_irregularity(r_peaks(af[LEAD_II, s : s + WINDOW])))
+        for s in range(0, af.shape[1] - WINDOW + 1, FS)
+    ]
+    assert sum(calls) >= 0.9 * len(calls)  # real fibrillation is irregular: confirmed
+    assert not confirmed("atrial_fibrillation", None)  # too few beats to tell: not raised

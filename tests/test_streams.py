@@ -338,6 +338,8 @@ def test_ecg_websocket_streams_windows_and_rejects_bad_chunks(streams_server):
             and r["rhythm"]
             and r["latency_ms"] > 0
             and isinstance(r["within_budget"], bool)
+            and isinstance(r["confirmed"], bool)
+            and "rr_irregularity" in r
         )
         assert r["heart_rate"] is not None
     from websockets.exceptions import WebSocketException

@@ -22,6 +22,7 @@ from bedside.synthetic.ecg import FS, LEADS, RHYTHMS
 WINDOW = 5 * FS
 HOP = FS
 BUDGET_MS = 4.0
+AF_MIN_IRREGULARITY = 0.08
 LEAD_II = LEADS.index("II")
 
 
@@ -74,8 +75,8 @@ class ECGWindows:
         return ready
 
 
-def heart_rate(lead: np.ndarray, fs: int = FS) -> float | None:
-    """Beats per minute from R peaks: band-limited slope energy, adaptive threshold, 250 ms refractory."""
+def r_peaks(lead: np.ndarray, fs: int = FS) -> list[int]:
+    """R-peak sample positions: slope energy over 120 ms, adaptive threshold, 250 ms refractory."""
     slope = np.diff(lead.astype(np.float64)) ** 2
     width = int(0.12 * fs)
     summed = np.cumsum(slope)
@@ -91,9 +92,31 @@ def heart_rate(lead: np.ndarray, fs: int = FS) -> float | None:
         if i - last > 0.25 * fs:
             peaks.append(i)
             last = i
-    if len(peaks) < 2:
+    return peaks
+
+
+def heart_rate(lead: np.ndarray, fs: int = FS) -> float | None:
+    """Beats per minute from the median R-R interval."""
+    peaks = r_peaks(lead, fs)
+    return float(60.0 * fs / np.median(np.diff(peaks))) if len(peaks) >= 2 else None
+
+
+def rr_irregularity(peaks: list[int]) -> float | None:
+    """Coefficient of variation of the R-R intervals (sinus rhythm ~0.02-0.05, atrial fibrillation
+    mostly above 0.1); None with fewer than three intervals to judge by."""
+    if len(peaks) < 4:
         return None
-    return float(60.0 * fs / np.median(np.diff(peaks)))
+    intervals = np.diff(peaks)
+    return float(intervals.std() / intervals.mean())
+
+
+def confirmed(rhythm: str | None, irregularity: float | None) -> bool:
+    """Whether the R-R intervals bear the rhythm out. Atrial fibrillation is irregularly irregular by
+    definition: a model calling it on regular beats is not raised as an alert (the result still says
+    what the model saw). Other rhythms are taken as the model gives them."""
+    if rhythm != "atrial_fibrillation":
+        return True
+    return irregularity is not None and irregularity >= AF_MIN_IRREGULARITY
 
 
 def _as_probabilities(scores: np.ndarray) -> np.ndarray:
@@ -107,8 +130,10 @@ def _as_probabilities(scores: np.ndarray) -> np.ndarray:
 async def classify(engine: Engine, model: str, bed: str, end_sample: int, window: np.ndarray) -> dict[str, Any]:
     started = time.perf_counter()  # the window is complete: window -> score starts here
     result: dict[str, Any] = {"type": "ecg", "bed": bed, "sample_end": end_sample, "heart_rate": None}
-    hr = heart_rate(window[LEAD_II])
-    result["heart_rate"] = None if hr is None else round(hr, 1)
+    peaks = r_peaks(window[LEAD_II])
+    irregularity = rr_irregularity(peaks)
+    result["heart_rate"] = round(60.0 * FS / float(np.median(np.diff(peaks))), 1) if len(peaks) >= 2 else None
+    result["rr_irregularity"] = None if irregularity is None else round(irregularity, 3)
     try:
         queue = engine.route(model, None)
         response = await engine.infer(queue, InferRequest({"ecg": window[None]}, priority="stat", tenant="streams"))
@@ -119,6 +144,7 @@ async def classify(engine: Engine, model: str, bed: str, end_sample: int, window
         result.update(
             rhythm=RHYTHMS[top] if top < len(RHYTHMS) else str(top),
             probability=round(float(probabilities[top]), 4),
+            confirmed=confirmed(RHYTHMS[top] if top < len(RHYTHMS) else None, irregularity),
             source=f"{model} v{response.model_version}",
             degraded=False,
             latency_ms=round(latency, 3),

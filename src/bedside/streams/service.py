@@ -147,7 +147,13 @@ class Streams:
                     del self.ecg_latencies_ms[:-4096]
                 await _send_json(send, result)
                 rhythm = result.get("rhythm")
-                if rhythm and rhythm != last_rhythm and rhythm != "normal_sinus" and result["probability"] >= 0.8:
+                if (
+                    rhythm
+                    and rhythm != last_rhythm
+                    and rhythm != "normal_sinus"
+                    and result["probability"] >= 0.8
+                    and result["confirmed"]  # AF only on irregular R-R intervals
+                ):
                     self.bus.publish(
                         {
                             "type": "alert",
@@ -159,7 +165,7 @@ class Streams:
                             "reason": f"ECG rhythm {rhythm} (p={result['probability']:.2f})",
                         }
                     )
-                if rhythm:
+                if rhythm and result["confirmed"]:
                     last_rhythm = rhythm
 
     async def sse(self, receive: Any, send: Any) -> None:
