@@ -58,13 +58,7 @@ def serve(
     from bedside.server.run import serve as run_server
     from bedside.streams.service import StreamsConfig
 
-    target = None
-    if alerts_hl7 is not None:
-        target_host, _, target_port = alerts_hl7.rpartition(":")
-        if not target_host or not target_port.isdigit():
-            console.print(f"[red]--alerts-hl7 wants HOST:PORT, got {alerts_hl7!r}[/red]")
-            raise typer.Exit(2)
-        target = (target_host, int(target_port))
+    target = _host_port(alerts_hl7, "--alerts-hl7", "") if alerts_hl7 is not None else None
     root = _repository(repository)
     config = (
         StreamsConfig(
@@ -346,10 +340,7 @@ def replay(
     from bedside.streams.ecgfile import ECGFileError
     from bedside.streams.replay import replay as run_replay
 
-    target = None
-    if mllp:
-        host, _, port = mllp.rpartition(":")
-        target = (host or "127.0.0.1", int(port))
+    target = _host_port(mllp, "--mllp", "127.0.0.1") if mllp else None
     expected_ecg = beds * max(0, int(seconds) - 4) if ecg else 0
     expected_hl7 = (
         (len(hl7_file.read_bytes().split(b"MSH")) - 1 if hl7_file else beds * max(1, int(seconds / vitals_every)))
@@ -384,6 +375,16 @@ def replay(
     console.print(table)
     if summary["errors"] or summary["hl7_rejected"]:
         raise typer.Exit(1)
+
+
+def _host_port(text: str, option: str, default_host: str) -> tuple[str, int]:
+    """HOST:PORT (HOST may be left out where there is a default), or a clear error and exit 2."""
+    host, _, port = text.rpartition(":")
+    host = host or default_host
+    if not host or not port.isdigit():
+        console.print(f"[red]{option} wants HOST:PORT, got {text!r}[/red]")
+        raise typer.Exit(2)
+    return host, int(port)
 
 
 def _call(fn):  # type: ignore[no-untyped-def]

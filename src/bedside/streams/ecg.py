@@ -95,10 +95,13 @@ def r_peaks(lead: np.ndarray, fs: int = FS) -> list[int]:
     return peaks
 
 
-def heart_rate(lead: np.ndarray, fs: int = FS) -> float | None:
+def rate_from_peaks(peaks: list[int], fs: int = FS) -> float | None:
     """Beats per minute from the median R-R interval."""
-    peaks = r_peaks(lead, fs)
     return float(60.0 * fs / np.median(np.diff(peaks))) if len(peaks) >= 2 else None
+
+
+def heart_rate(lead: np.ndarray, fs: int = FS) -> float | None:
+    return rate_from_peaks(r_peaks(lead, fs), fs)
 
 
 def rr_irregularity(peaks: list[int]) -> float | None:
@@ -132,7 +135,8 @@ async def classify(engine: Engine, model: str, bed: str, end_sample: int, window
     result: dict[str, Any] = {"type": "ecg", "bed": bed, "sample_end": end_sample, "heart_rate": None}
     peaks = r_peaks(window[LEAD_II])
     irregularity = rr_irregularity(peaks)
-    result["heart_rate"] = round(60.0 * FS / float(np.median(np.diff(peaks))), 1) if len(peaks) >= 2 else None
+    rate = rate_from_peaks(peaks)
+    result["heart_rate"] = None if rate is None else round(rate, 1)
     result["rr_irregularity"] = None if irregularity is None else round(irregularity, 3)
     try:
         queue = engine.route(model, None)
@@ -141,10 +145,11 @@ async def classify(engine: Engine, model: str, bed: str, end_sample: int, window
         probabilities = _as_probabilities(scores)
         latency = (time.perf_counter() - started) * 1e3
         top = int(np.argmax(probabilities))
+        rhythm = RHYTHMS[top] if top < len(RHYTHMS) else str(top)
         result.update(
-            rhythm=RHYTHMS[top] if top < len(RHYTHMS) else str(top),
+            rhythm=rhythm,
             probability=round(float(probabilities[top]), 4),
-            confirmed=confirmed(RHYTHMS[top] if top < len(RHYTHMS) else None, irregularity),
+            confirmed=confirmed(rhythm, irregularity),
             source=f"{model} v{response.model_version}",
             degraded=False,
             latency_ms=round(latency, 3),

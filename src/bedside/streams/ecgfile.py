@@ -33,10 +33,6 @@ class ECGRecording:
     statements: list[str] = field(default_factory=list)  # the cart's own interpretation, verbatim
     measurements: dict[str, float] = field(default_factory=dict)  # e.g. "RR Interval" in ms
 
-    @property
-    def seconds(self) -> float:
-        return self.samples.shape[1] / FS
-
 
 def _lead_name(meaning: str) -> str | None:
     match = _LEAD.match(meaning.strip())
