@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# Server options, e.g. make run SERVE_ARGS="--port 9000"; defaults live in src/bedside/settings.py.
+SERVE_ARGS ?=
 
-.PHONY: run test lint bench demo clean
+.PHONY: run test lint bench demo proto settings clean
 
 $(VENV)/.demo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,19 +20,28 @@ $(VENV)/.dev: pyproject.toml
 	touch $@ $(VENV)/.demo
 
 run: $(VENV)/.demo
-	$(VENV)/bin/bedside serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/bedside serve $(SERVE_ARGS)
 
 demo: $(VENV)/.demo
 	$(VENV)/bin/bedside demo
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy
 
 test: $(VENV)/.dev lint
 	$(PY) -m pytest
 
 bench: $(VENV)/.dev
 	$(PY) bench/server_latency.py
+
+# Regenerate the OIP v2 gRPC messages after editing oip.proto (the generated file is committed).
+proto: $(VENV)/.dev
+	cd src && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. bedside/server/grpc/oip.proto
+
+# Every server setting, its value and where it came from (defaults, BEDSIDE_* variables).
+settings: $(VENV)/.demo
+	$(VENV)/bin/bedside settings
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

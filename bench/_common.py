@@ -177,6 +177,7 @@ def start_server(repo: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]
             "--log-level",
             "warning",
             *(extra if "--mllp-port" in extra else (*extra, "--mllp-port", "-1")),
+            *(() if "--grpc-port" in extra else ("--grpc-port", "-1")),  # side by side: no shared default port
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

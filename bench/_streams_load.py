@@ -12,7 +12,7 @@ import sys
 import orjson
 import uvloop
 
-from bedside.streams.replay import replay
+from bedside.tools.replay import replay
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ def build_repo(root: Path, int8: bool) -> None:
     from bedside.models.reference import ECGNet
     from bedside.pipeline.export import export_torch
     from bedside.pipeline.optimize import optimize_file
-    from bedside.synthetic.ecg import dataset
+    from bedside.synthetic.ecg import RHYTHMS, dataset
 
     vitals = _vitals_deterioration()
     (root / "vitals_deterioration" / "1").mkdir(parents=True)
@@ -73,6 +73,7 @@ def build_repo(root: Path, int8: bool) -> None:
         "max_batch_size = 8\ninstances = 2\nthreads = 1\n"
         '[[inputs]]\nname = "ecg"\ndatatype = "FP32"\nshape = [12, 1250]\n'
         '[[outputs]]\nname = "probabilities"\ndatatype = "FP32"\nshape = [5]\n'
+        "[contract]\nlabels = [" + ", ".join(f'"{r}"' for r in RHYTHMS) + "]\n"
     )
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bedside.client import Client
 from bedside.models.demo import build_demo
+from bedside.tools.client import Client
 from tests.models import SCALE_CONFIG, all_types_model, scale_model, write_config
 
 
@@ -66,6 +66,8 @@ def start_server(repo: Path, log: Path, *extra: str) -> Server:
     port = free_port()
     if "--mllp-port" not in extra:
         extra = (*extra, "--mllp-port", "-1")  # tests run side by side: no shared default port
+    if "--grpc-port" not in extra:
+        extra = (*extra, "--grpc-port", "-1")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with log.open("wb") as out:
         process = subprocess.Popen(

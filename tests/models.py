@@ -69,3 +69,30 @@ name = "y"
 datatype = "FP32"
 shape = [4]
 """
+
+
+def rhythm_model(path: Path, classes: int = 5, leads: int = 12, samples: int = 1250, favour: int = 0) -> Path:
+    """A stand-in rhythm classifier: softmax over a fixed projection of each lead's mean, biased
+    so that class `favour` wins; x: FP32 [batch, leads, samples] -> probabilities [batch, classes]."""
+    x = helper.make_tensor_value_info("ecg", TensorProto.FLOAT, ["batch", leads, samples])
+    y = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [leads, classes], [0.0] * (leads * classes))
+    bias = helper.make_tensor("b", TensorProto.FLOAT, [classes], [4.0 if c == favour else 0.0 for c in range(classes)])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [2])
+    nodes = [
+        helper.make_node("ReduceMean", ["ecg", "axes"], ["mean"], keepdims=0),
+        helper.make_node("MatMul", ["mean", "w"], ["scores"]),
+        helper.make_node("Add", ["scores", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    return _save(helper.make_graph(nodes, "rhythm", [x], [y], [weights, bias, axes]), path, opset=18)
+
+
+def rhythm_config(labels: list[str] | None, samples: int = 1250) -> str:
+    text = (
+        f'max_batch_size = 8\n[[inputs]]\nname = "ecg"\ndatatype = "FP32"\nshape = [12, {samples}]\n'
+        f'[[outputs]]\nname = "probabilities"\ndatatype = "FP32"\nshape = [{len(labels or []) or 5}]\n'
+    )
+    if labels:
+        text += "[contract]\nlabels = [" + ", ".join(f'"{label}"' for label in labels) + "]\n"
+    return text

@@ -5,26 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import hl7
 from hl7.mllp import start_hl7_server
 
 from bedside.alerts.bus import AlertBus
+from bedside.alerts.events import Alert, VitalsScore
 from bedside.alerts.hl7out import HL7AlertSender, alert_message
 from tests.conftest import free_port
 
-ALERT = {
-    "type": "alert",
-    "bed": "ICU-7-A",
-    "time": 1_800_000_000.0,
-    "level": 3,
-    "news2": 9,
-    "qsofa": 2,
-    "risk": 0.83,
-    "source": "vitals_deterioration v1",
-    "degraded": False,
-    "reason": "NEWS2 9 (high): RR 27 | SpO2 90 ^ on O2 & febrile",
-}
+ALERT = Alert(
+    bed="ICU-7-A",
+    time=1_800_000_000.0,
+    level=3,
+    news2=9,
+    qsofa=2,
+    risk=0.83,
+    source="vitals_deterioration v1",
+    degraded=False,
+    reason="NEWS2 9 (high): RR 27 | SpO2 90 ^ on O2 & febrile",
+)
+SCORE = VitalsScore("X", 0.0, 1, "low", True, 0, False, None, "rules", True)
 
 
 def obx(message: hl7.Message) -> dict[str, str]:
@@ -43,10 +45,10 @@ def test_an_alert_becomes_an_oru_a_receiver_can_parse():
         "MODEL_RISK": "0.83",
         "SOURCE": "vitals_deterioration v1",
         "AI_DEGRADED": "N",
-        "REASON": ALERT["reason"],  # separators in the text are escaped, and come back whole
+        "REASON": ALERT.reason,  # separators in the text are escaped, and come back whole
     }
     assert str(message.segment("PID")) == "PID|1"  # no patient identifier leaves the box
-    ecg = obx(hl7.parse(alert_message({"type": "alert", "bed": "B1", "level": 2, "reason": "AF"}, "BS2")))
+    ecg = obx(hl7.parse(alert_message(Alert("B1", 0.0, 2, "ecg_rhythm v1", "AF"), "BS2")))
     assert "NEWS2" not in ecg and ecg["REASON"] == "AF" and ecg["ALERT_LEVEL"] == "2"
 
 
@@ -80,14 +82,14 @@ def test_alerts_wait_for_the_receiver_and_arrive_in_order_once_each():
         sender = HL7AlertSender(bus, "127.0.0.1", port)
         sender.start()
         await asyncio.sleep(0)
-        bus.publish({"type": "score", "bed": "X", "news2": 1})  # scores are not alerts: not sent
+        bus.publish(SCORE)  # scores are not alerts: not sent
         for i in range(3):
-            bus.publish(dict(ALERT, bed=f"ICU-{i}"))
+            bus.publish(replace(ALERT, bed=f"ICU-{i}"))
         await _wait(lambda: "cannot connect" in sender.last_error)  # nobody listening yet: kept, not lost
         assert sender.status()["pending"] == 3
         server = await start_hl7_server(receiver, "127.0.0.1", port, encoding="utf-8")
         await _wait(lambda: sender.sent + sender.rejected == 3)
-        bus.publish(dict(ALERT, bed="ICU-9"))
+        bus.publish(replace(ALERT, bed="ICU-9"))
         await _wait(lambda: sender.sent == 3)
         status = sender.status()
         await sender.close()
@@ -103,8 +105,8 @@ def test_a_full_outbox_drops_the_oldest_and_counts_it():
     async def main() -> HL7AlertSender:
         sender = HL7AlertSender(AlertBus(), "127.0.0.1", free_port(), outbox=2)
         for i in range(5):
-            sender.enqueue(dict(ALERT, bed=f"B{i}"))
+            sender.enqueue(replace(ALERT, bed=f"B{i}"))
         return sender
 
     sender = asyncio.run(main())
-    assert [a["bed"] for a in sender.outbox] == ["B3", "B4"] and sender.dropped == 3
+    assert [a.bed for a in sender.outbox] == ["B3", "B4"] and sender.dropped == 3

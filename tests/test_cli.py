@@ -12,10 +12,24 @@ runner = CliRunner()
 def test_help_texts_describe_each_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("serve", "demo", "models", "infer"):
+    for command in ("serve", "settings", "demo", "models", "infer", "export", "optimize", "bench", "replay"):
         assert command in result.output
-    serve = runner.invoke(app, ["serve", "--help"])
-    assert "--repository" in serve.output and "--port" in serve.output
+    serve = runner.invoke(app, ["serve", "--help"], terminal_width=200)
+    for option in ("--repository", "--port", "--grpc-port", "--mllp-port", "--no-streams", "--alerts-hl7", "--set"):
+        assert option in serve.output
+    assert "Default: 8001" in serve.output  # the effective default, from bedside.settings
+
+
+def test_the_entry_points_reach_the_same_app():
+    import bedside.cli
+
+    assert callable(bedside.cli.main) and bedside.cli.app is app
+
+
+def test_models_refuses_a_missing_repository_in_one_line(tmp_path):
+    result = runner.invoke(app, ["models", "--repository", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "is not a folder" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_models_checks_a_repository_offline(serving_repo):

@@ -5,14 +5,8 @@ import tomllib
 import pytest
 
 from bedside.errors import ModelLoadError
-from bedside.repository.config import (
-    GraphTensor,
-    VersionPolicy,
-    check_against_graph,
-    infer_config,
-    load_config,
-    parse_config,
-)
+from bedside.modelconfig.graph import GraphTensor, check_against_graph, infer_config
+from bedside.modelconfig.model import VersionPolicy, load_config, parse_config
 from tests.models import SCALE_CONFIG
 
 

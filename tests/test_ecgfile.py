@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bedside.streams.ecg import LEAD_II, WINDOW, confirmed, heart_rate, r_peaks, rr_irregularity
-from bedside.streams.ecgfile import ECGFileError, _derive_limb_leads, looped, read_dicom_ecg
-from bedside.synthetic.ecg import FS, LEADS
+from bedside.clinical.ecg import FS, LEAD_II, LEADS, heart_rate, r_peaks, rr_irregularity
+from bedside.clinical.ecg import confirmed as confirmed_by
+from bedside.settings import DEFAULTS
+from bedside.streams.ecg import WINDOW
+from bedside.tools.ecgfile import ECGFileError, _derive_limb_leads, looped, read_dicom_ecg
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
@@ -68,6 +70,10 @@ def test_a_recording_is_looped_to_the_requested_length():
     longer = looped(ecg, 25.0)
     assert longer.shape == (12, 25 * FS)
     np.testing.assert_array_equal(longer[:, 10 * FS : 20 * FS], ecg)
+
+
+def confirmed(rhythm, irregularity):
+    return confirmed_by(rhythm, irregularity, DEFAULTS.ecg.af_min_irregularity)
 
 
 def test_an_af_call_on_regular_real_beats_is_not_confirmed():

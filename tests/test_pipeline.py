@@ -235,7 +235,7 @@ def test_synthetic_ecg_is_labelled_and_plausible():
 
 
 def test_synthetic_arrhythmia_episodes_change_rhythm_within_one_patient():
-    from bedside.streams.ecg import LEAD_II, heart_rate
+    from bedside.clinical.ecg import LEAD_II, heart_rate
     from bedside.synthetic.ecg import FS, RHYTHMS, episodes
 
     schedule = [("normal_sinus", 10.0), ("atrial_fibrillation", 10.0), ("sinus_bradycardia", 10.0)]

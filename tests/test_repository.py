@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bedside.engine import Engine
+from bedside.dataplane import Dataplane
 from bedside.errors import InvalidInput, ModelLoadError, NotFound, TooLarge, Unavailable
 from bedside.protocol.types import InferRequest
 from tests.models import SCALE_CONFIG, scale_model, write_config
@@ -23,24 +23,24 @@ def make_repo(root: Path) -> Path:
     return root
 
 
-def infer(engine: Engine, name: str, x: np.ndarray, version: str | None = None):
-    async def go():
-        queue = engine.route(name, version)
-        return await engine.infer(queue, InferRequest({"x": x}))
+def infer(engine: Dataplane, name: str, x: np.ndarray, version: str | None = None):
+    return asyncio.run(engine.infer(name, version, InferRequest({"x": x})))
 
-    return asyncio.run(go())
+
+def load(engine: Dataplane, name: str) -> None:
+    asyncio.run(engine.load(name))
 
 
 @pytest.fixture
 def engine(tmp_path):
-    eng = Engine(make_repo(tmp_path))
+    eng = Dataplane(make_repo(tmp_path))
     eng.start()
     yield eng
     eng.close()
 
 
-def states(engine: Engine) -> dict[str, tuple[str, str]]:
-    return {f"{r['name']}/{r.get('version', '-')}": (r["state"], r["reason"]) for r in engine.index()}
+def states(engine: Dataplane) -> dict[str, tuple[str, str]]:
+    return {f"{r.name}/{r.version or '-'}": (r.state, r.reason) for r in engine.repository_index()}
 
 
 def test_broken_models_are_unavailable_with_reasons_and_others_serve(engine):
@@ -52,9 +52,9 @@ def test_broken_models_are_unavailable_with_reasons_and_others_serve(engine):
     out = infer(engine, "scale", np.ones((2, 4), np.float32))
     np.testing.assert_array_equal(out.outputs["y"], np.full((2, 4), 2.0, np.float32))
     with pytest.raises(Unavailable, match="corrupt"):
-        engine.route("corrupt", None)
+        infer(engine, "corrupt", np.ones((1, 4), np.float32))
     with pytest.raises(NotFound, match="unknown model 'nope'"):
-        engine.route("nope", None)
+        infer(engine, "nope", np.ones((1, 4), np.float32))
 
 
 def test_request_checks(engine):
@@ -68,33 +68,36 @@ def test_request_checks(engine):
 
 def test_new_version_loads_and_latest_wins(engine, tmp_path):
     scale_model(tmp_path / "scale" / "2" / "model.onnx", factor=3.0)
-    engine.manager.load("scale")  # latest = 1 policy: v2 replaces v1
+    load(engine, "scale")  # latest = 1 policy: v2 replaces v1
     assert infer(engine, "scale", np.ones((1, 4), np.float32)).outputs["y"][0, 0] == 3.0
     assert infer(engine, "scale", np.ones((1, 4), np.float32)).model_version == "2"
     with pytest.raises(NotFound, match="no version 1"):
-        engine.route("scale", "1")
+        infer(engine, "scale", np.ones((1, 4), np.float32), "1")
 
 
 def test_a_failed_reload_keeps_the_serving_version(engine, tmp_path):
     (tmp_path / "scale" / "2").mkdir()
     (tmp_path / "scale" / "2" / "model.onnx").write_bytes(b"truncated download")
     with pytest.raises(ModelLoadError, match=r"still serving versions \[1\]"):
-        engine.manager.load("scale")
+        load(engine, "scale")
     assert infer(engine, "scale", np.ones((1, 4), np.float32)).model_version == "1"
 
 
 def test_unload_then_load(engine):
-    engine.manager.unload("scale")
+    asyncio.run(engine.unload("scale"))
     with pytest.raises(Unavailable, match="not ready: unloaded"):
-        engine.route("scale", None)
-    engine.manager.load("scale")
+        infer(engine, "scale", np.ones((1, 4), np.float32))
+    load(engine, "scale")
     assert infer(engine, "scale", np.ones((1, 4), np.float32)).outputs["y"][0, 0] == 2.0
 
 
 def test_stats_record_latency(engine):
     for _ in range(5):
         infer(engine, "scale", np.ones((3, 4), np.float32))
-    (row,) = engine.statistics("scale", None)["model_stats"]
-    assert row["success_count"] == 5 and row["inference_count"] == 15 and row["execution_count"] == 5
+    (stats,) = engine.statistics("scale", None)
+    assert stats.success.count == 5 and stats.inference_count == 15 and stats.execution_count == 5
+    assert stats.batch_sizes == {3: 5} and stats.compute.ns > 0 and stats.last_inference_ms > 0
+    row = stats.to_dict()
+    assert row["success_count"] == 5
     lat = row["latency"]
     assert lat["count"] == 5 and 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]

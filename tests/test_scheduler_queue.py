@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bedside.errors import InvalidInput, Overloaded, Unavailable
+from bedside.modelconfig.scheduling import BatchingPolicy, QueuePolicy, SchedulingPolicy, TenantPolicy
 from bedside.scheduler.batching import batch_key
-from bedside.scheduler.policy import BatchingPolicy, QueuePolicy, SchedulingPolicy, TenantPolicy
 from bedside.scheduler.queue import Job, RequestQueue
 
 MS = 1_000_000  # ns
@@ -159,10 +159,8 @@ def test_tenant_quota_holds_and_frees_on_completion():
 
 
 def test_the_tenant_table_stays_bounded_whatever_names_callers_send():
-    from bedside.scheduler.queue import MAX_TENANTS
-
-    q = RequestQueue(policy(), max_batch=0)
-    for i in range(MAX_TENANTS):
+    q = RequestQueue(policy(), max_batch=0, max_tenants=64)
+    for i in range(64):
         q.admit(job(f"j{i}", tenant=f"t{i}"), 0)
         q.done(q.take(0)[0])
     with pytest.raises(Overloaded, match="distinct tenants"):

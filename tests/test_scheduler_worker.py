@@ -11,10 +11,11 @@ import tomllib
 import numpy as np
 import pytest
 
+from bedside.dataplane import CallContext
 from bedside.errors import Retired, Unavailable
+from bedside.modelconfig.model import parse_config
 from bedside.monitoring.latency import ModelStats
 from bedside.protocol.types import InferRequest
-from bedside.repository.config import parse_config
 from bedside.runtime.session import OnnxModel, open_session
 from bedside.scheduler.worker import ModelQueue
 from tests.models import SCALE_CONFIG, scale_model
@@ -48,14 +49,16 @@ def make_model(tmp_path):
     return make
 
 
-def req(first: float, rows: int = 1, priority=None, tenant: str = "default", timeout_us=None) -> InferRequest:
+def req(
+    first: float, rows: int = 1, priority=None, tenant: str = "default", timeout_us=None
+) -> tuple[InferRequest, CallContext]:
     x = np.tile(np.arange(rows, dtype=np.float32)[:, None] + first, (1, 4))
-    return InferRequest({"x": x}, priority=priority, tenant=tenant, timeout_us=timeout_us)
+    return InferRequest({"x": x}), CallContext(tenant, priority, timeout_us)
 
 
 async def occupy(queue: ModelQueue, model: GatedModel) -> asyncio.Future:
     """Submit one request and wait until the worker is inside the model with it."""
-    future = queue.submit(req(-1.0))
+    future = queue.submit(*req(-1.0))
     assert await asyncio.to_thread(model.entered.wait, 10)
     return future
 
@@ -66,7 +69,7 @@ def test_batched_callers_each_get_their_own_rows(make_model):
 
     async def main():
         first = await occupy(queue, model)
-        futures = [queue.submit(req(10.0 * i, rows=i)) for i in (1, 2, 3)]
+        futures = [queue.submit(*req(10.0 * i, rows=i)) for i in (1, 2, 3)]
         model.gate.set()
         await first
         return await asyncio.gather(*futures)
@@ -88,10 +91,10 @@ def test_stat_overtakes_routine_in_the_worker(make_model):
     async def main():
         first = await occupy(queue, model)
         futures = [
-            queue.submit(req(1.0)),
-            queue.submit(req(2.0)),
-            queue.submit(req(3.0, priority="stat")),
-            queue.submit(req(4.0, priority=2)),
+            queue.submit(*req(1.0)),
+            queue.submit(*req(2.0)),
+            queue.submit(*req(3.0, priority="stat")),
+            queue.submit(*req(4.0, priority=2)),
         ]
         model.gate.set()
         await asyncio.gather(first, *futures)
@@ -108,8 +111,8 @@ def test_a_request_past_its_deadline_gets_an_error_not_silence(make_model):
 
     async def main():
         first = await occupy(queue, model)
-        late = queue.submit(req(5.0, timeout_us=1000))
-        on_time = queue.submit(req(6.0))
+        late = queue.submit(*req(5.0, timeout_us=1000))
+        on_time = queue.submit(*req(6.0))
         now[0] = 5_000_000  # 5 ms pass while the model is busy
         model.gate.set()
         await first
@@ -129,10 +132,10 @@ def test_closing_finishes_queued_work_and_refuses_new_work(make_model):
 
     async def main():
         first = await occupy(queue, model)
-        queued = queue.submit(req(7.0))
+        queued = queue.submit(*req(7.0))
         queue.close()
         with pytest.raises(Retired):
-            queue.submit(req(8.0))
+            queue.submit(*req(8.0))
         model.gate.set()
         return await first, await queued
 
@@ -148,9 +151,9 @@ def test_quota_rejections_are_counted_per_tenant(make_model):
 
     async def main():
         first = await occupy(queue, model)
-        ok = queue.submit(req(1.0, tenant="lab"))
+        ok = queue.submit(*req(1.0, tenant="lab"))
         with pytest.raises(Exception, match="tenant 'lab' already has 1 requests in flight"):
-            queue.submit(req(2.0, tenant="lab"))
+            queue.submit(*req(2.0, tenant="lab"))
         model.gate.set()
         await asyncio.gather(first, ok)
 
@@ -165,8 +168,8 @@ def test_a_reserved_instance_serves_stat_while_routine_work_holds_the_other(make
 
     async def main():
         first = await occupy(queue, model)  # the routine instance is now stuck inside the model
-        routine = queue.submit(req(1.0))
-        stat = await queue.submit(req(2.0, priority="stat"))  # completes with the gate still shut
+        routine = queue.submit(*req(1.0))
+        stat = await queue.submit(*req(2.0, priority="stat"))  # completes with the gate still shut
         assert not routine.done()
         model.gate.set()
         await asyncio.gather(first, routine)

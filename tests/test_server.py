@@ -249,7 +249,7 @@ def test_malformed_bodies(server):
     status, _, data = call(
         server, "POST", "/v2/models/breast_mass_malignancy/infer", b"{}", {"Inference-Header-Content-Length": "ten"}
     )
-    assert status == 400 and "must be an integer" in orjson.loads(data)["error"]
+    assert status == 400 and "must be a non-negative integer" in orjson.loads(data)["error"]
     status, _, data = call(
         server, "POST", "/v2/models/breast_mass_malignancy/infer", b"\x1f\x8bnot gzip", {"Content-Encoding": "gzip"}
     )

@@ -4,6 +4,7 @@ running server, and the ECG WebSocket."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.client
 import os
 import shutil
@@ -18,16 +19,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bedside.alerts.bus import AlertBus
-from bedside.engine import Engine
+from bedside.clinical.ecg import heart_rate
+from bedside.dataplane import Dataplane
 from bedside.models.reference import ECGNet
 from bedside.pipeline.export import export_torch
+from bedside.settings import DEFAULTS
 from bedside.streams import beds as beds_module
 from bedside.streams.beds import Beds, BedState
-from bedside.streams.ecg import ECGWindows, decode_chunk, heart_rate
+from bedside.streams.ecg import ECGWindows, decode_chunk
 from bedside.streams.hl7v2 import Observation, VitalsMessage
 from bedside.streams.mllp import END, START, frame
 from bedside.streams.scorer import VitalsScorer
-from bedside.synthetic.ecg import generate
+from bedside.synthetic.ecg import RHYTHMS, generate
 from tests.conftest import free_port, start_server
 from tests.models import write_config
 
@@ -61,17 +64,30 @@ def test_bed_state_is_bounded_and_forgets_stale_readings():
 def engine(demo_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(demo_repo / "vitals_deterioration", repo / "vitals_deterioration")
-    eng = Engine(repo)
+    eng = Dataplane(repo)
     eng.start()
     yield eng
     eng.close()
 
 
+class Recent:
+    """The bus's alert history as the dicts clients see."""
+
+    def __init__(self, bus: AlertBus) -> None:
+        self.bus = bus
+
+    def __iter__(self):
+        return iter([a.to_dict() for a in self.bus.recent])
+
+    def __len__(self) -> int:
+        return len(self.bus.recent)
+
+
 def score(engine, beds, **kw):
     bus = AlertBus()
-    scorer = VitalsScorer(engine, beds, bus, **kw)
+    scorer = VitalsScorer(engine, beds, bus, dataclasses.replace(DEFAULTS.scoring, **kw))
     events = asyncio.run(scorer.score_all(NOW))
-    return {e["bed"]: e for e in events}, bus
+    return {e.bed: e.to_dict() for e in events}, Recent(bus)
 
 
 def filled(*pairs: tuple[str, dict]) -> Beds:
@@ -95,17 +111,17 @@ def test_model_scores_every_bed_and_alerts_on_the_sick_one(engine):
     assert (
         events["ICU-2"]["news2"] == 18 and events["ICU-2"]["news2_risk"] == "high" and events["ICU-2"]["qsofa_positive"]
     )
-    alerts = [e for e in bus.recent if e["bed"] == "ICU-2"]
+    alerts = [e for e in bus if e["bed"] == "ICU-2"]
     assert alerts and alerts[0]["type"] == "alert" and "model risk" in alerts[0]["reason"]
-    assert not [e for e in bus.recent if e["bed"] == "ICU-1"]
+    assert not [e for e in bus if e["bed"] == "ICU-1"]
 
 
 def test_model_down_means_rule_alerts_flagged_degraded(engine):
-    engine.manager.unload("vitals_deterioration")
+    asyncio.run(engine.unload("vitals_deterioration"))
     events, bus = score(engine, filled(("ICU-2", SICK), ("ICU-1", NORMAL)))
     sick = events["ICU-2"]
     assert sick["source"] == "rules" and sick["degraded"] and "AI assistance degraded" in sick["reason"]
-    (alert,) = list(bus.recent)
+    (alert,) = list(bus)
     assert (
         alert["bed"] == "ICU-2"
         and alert["source"] == "rules"
@@ -128,9 +144,9 @@ def test_a_hung_model_does_not_block_alerts(engine, monkeypatch):
         await asyncio.Event().wait()
 
     monkeypatch.setattr(engine, "infer", never)
-    events, bus = score(engine, filled(("ICU-2", SICK)), timeout_s=0.05)
+    events, bus = score(engine, filled(("ICU-2", SICK)), timeout_ms=50.0)
     assert events["ICU-2"]["source"] == "rules" and "did not answer within 50 ms" in events["ICU-2"]["reason"]
-    assert next(iter(bus.recent))["source"] == "rules"
+    assert next(iter(bus))["source"] == "rules"
 
 
 def test_alerts_fire_on_escalation_not_every_cycle(engine):
@@ -201,7 +217,8 @@ def streams_server(demo_repo, tmp_path, tmp_path_factory):
     write_config(
         repo / "ecg_rhythm",
         'max_batch_size = 8\n[[inputs]]\nname = "ecg"\ndatatype = "FP32"\nshape = [12, 1250]\n'
-        '[[outputs]]\nname = "probabilities"\ndatatype = "FP32"\nshape = [5]\n',
+        '[[outputs]]\nname = "probabilities"\ndatatype = "FP32"\nshape = [5]\n'
+        f"[contract]\nlabels = {list(RHYTHMS)!r}\n".replace("'", '"'),
     )
     mllp_port = free_port()
     server = start_server(
@@ -352,7 +369,7 @@ def test_ecg_websocket_streams_windows_and_rejects_bad_chunks(streams_server):
 
 
 def test_replay_feeds_a_running_server_and_summarises(streams_server, tmp_path):
-    from bedside.streams.replay import read_hl7_file, replay
+    from bedside.tools.replay import read_hl7_file, replay
 
     stats = asyncio.run(
         replay(
@@ -393,7 +410,7 @@ def test_replaying_the_real_cart_ecg_gives_its_heart_rate(streams_server):
     pytest.importorskip("pydicom")
     from pydicom.data import get_testdata_file
 
-    from bedside.streams.replay import replay
+    from bedside.tools.replay import replay
 
     cart = get_testdata_file("waveform_ecg.dcm")
     stats = asyncio.run(replay(streams_server.url, None, beds=1, seconds=8.0, speed=4.0, ecg_file=cart))

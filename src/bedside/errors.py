@@ -37,6 +37,10 @@ class Unavailable(BedsideError):
     status = 503
 
 
+class DeadlineExceeded(Unavailable):
+    """The request's deadline passed (or could not be met) before the model ran it."""
+
+
 class ModelLoadError(BedsideError):
     """A model that cannot be served: bad config, missing or corrupt file, graph mismatch."""
 

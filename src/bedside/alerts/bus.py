@@ -1,26 +1,29 @@
-"""The alert bus: every score and alert goes to each subscriber (an SSE stream) through a bounded
-queue. A slow subscriber loses its oldest events (counted), never the server's memory."""
+"""The alert bus: every score and alert goes to each subscriber (an SSE stream, the HL7 sender)
+through a bounded queue. A slow subscriber loses its oldest events (counted), never the server's
+memory."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
 
-QUEUE = 1024
-HISTORY = 512
+from bedside.alerts.events import Alert, Event
+from bedside.settings import DEFAULTS
 
 
 class AlertBus:
-    def __init__(self) -> None:
-        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self.recent: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+    def __init__(
+        self, queue_size: int = DEFAULTS.alerts.subscriber_queue, history: int = DEFAULTS.alerts.history
+    ) -> None:
+        self._subscribers: set[asyncio.Queue[Event]] = set()
+        self.queue_size = queue_size
+        self.recent: deque[Alert] = deque(maxlen=history)
         self.dropped = 0
         self.published = 0
 
-    def publish(self, event: dict[str, Any]) -> None:
+    def publish(self, event: Event) -> None:
         self.published += 1
-        if event.get("type") == "alert":
+        if isinstance(event, Alert):
             self.recent.append(event)
         for queue in self._subscribers:
             if queue.full():
@@ -28,10 +31,10 @@ class AlertBus:
                 self.dropped += 1
             queue.put_nowait(event)
 
-    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE)
+    def subscribe(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(self.queue_size)
         self._subscribers.add(queue)
         return queue
 
-    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
         self._subscribers.discard(queue)

@@ -22,9 +22,10 @@ import hl7
 from hl7.mllp import open_hl7_connection
 
 from bedside.alerts.bus import AlertBus
+from bedside.alerts.events import Alert
+from bedside.settings import DEFAULTS
 
 log = logging.getLogger("bedside.alerts.hl7")
-OUTBOX = 10_000
 ACK_TIMEOUT_S = 10.0
 BACKOFF_S = (0.5, 30.0)
 APPLICATION_ERROR_TRIES = 3
@@ -39,26 +40,26 @@ def _text(value: Any) -> str:
     return _ESCAPER.escape(str(value).replace("\r", " ").replace("\n", " "))
 
 
-def alert_message(alert: dict[str, Any], control_id: str, facility: str = "") -> str:
+def alert_message(alert: Alert, control_id: str, facility: str = "") -> str:
     """The ORU^R01 for one alert (segments separated by CR, as HL7 wants)."""
-    stamp = _stamp(float(alert.get("time") or time.time()))
-    rows: list[tuple[str, str, str, Any]] = [("NM", "ALERT_LEVEL", "bedside alert level 0-3", alert.get("level"))]
-    for key, code, name in (
-        ("news2", "NEWS2", "NEWS2 total score"),
-        ("qsofa", "QSOFA", "qSOFA score"),
-        ("risk", "MODEL_RISK", "model risk probability"),
+    stamp = _stamp(alert.time or time.time())
+    rows: list[tuple[str, str, str, Any]] = [("NM", "ALERT_LEVEL", "bedside alert level 0-3", alert.level)]
+    for value, code, name in (
+        (alert.news2, "NEWS2", "NEWS2 total score"),
+        (alert.qsofa, "QSOFA", "qSOFA score"),
+        (alert.risk, "MODEL_RISK", "model risk probability"),
     ):
-        if alert.get(key) is not None:
-            rows.append(("NM", code, name, alert[key]))
+        if value is not None:
+            rows.append(("NM", code, name, value))
     rows += [
-        ("ST", "SOURCE", "score source", alert.get("source", "")),
-        ("ST", "AI_DEGRADED", "AI assistance degraded", "Y" if alert.get("degraded") else "N"),
-        ("TX", "REASON", "alert reason", alert.get("reason", "")),
+        ("ST", "SOURCE", "score source", alert.source),
+        ("ST", "AI_DEGRADED", "AI assistance degraded", "Y" if alert.degraded else "N"),
+        ("TX", "REASON", "alert reason", alert.reason),
     ]
     segments = [
         f"MSH|^~\\&|BEDSIDE|{_text(facility)}|||{_stamp(time.time())}||ORU^R01^ORU_R01|{control_id}|P|2.5",
         "PID|1",
-        f"PV1|1|I|{_text(alert.get('bed', ''))}",
+        f"PV1|1|I|{_text(alert.bed)}",
         f"OBR|1|||BEDSIDE_ALERT^bedside alert^L|||{stamp}",
     ]
     for i, (kind, code, name, value) in enumerate(rows, 1):
@@ -68,9 +69,11 @@ def alert_message(alert: dict[str, Any], control_id: str, facility: str = "") ->
 
 
 class HL7AlertSender:
-    def __init__(self, bus: AlertBus, host: str, port: int, facility: str = "", outbox: int = OUTBOX) -> None:
+    def __init__(
+        self, bus: AlertBus, host: str, port: int, facility: str = "", outbox: int = DEFAULTS.alerts.hl7_outbox
+    ) -> None:
         self.bus, self.host, self.port, self.facility = bus, host, port, facility
-        self.outbox: deque[dict[str, Any]] = deque()
+        self.outbox: deque[Alert] = deque()
         self.capacity = outbox
         self.sent = self.rejected = self.dropped = 0
         self.connected = False
@@ -102,7 +105,7 @@ class HL7AlertSender:
             "last_error": self.last_error,
         }
 
-    def enqueue(self, alert: dict[str, Any]) -> None:
+    def enqueue(self, alert: Alert) -> None:
         if len(self.outbox) >= self.capacity:
             self.outbox.popleft()
             self.dropped += 1
@@ -110,11 +113,11 @@ class HL7AlertSender:
         self.outbox.append(alert)
         self._ready.set()
 
-    async def _collect(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    async def _collect(self, queue: asyncio.Queue[Any]) -> None:
         try:
             while True:
                 event = await queue.get()
-                if event.get("type") == "alert":
+                if isinstance(event, Alert):
                     self.enqueue(event)
         finally:
             self.bus.unsubscribe(queue)
@@ -158,7 +161,7 @@ class HL7AlertSender:
             elif code in ("AR", "CR") or tries + 1 >= APPLICATION_ERROR_TRIES:  # AE / no MSA: a few tries
                 self.outbox.popleft()
                 self.rejected, tries = self.rejected + 1, 0
-                log.error("receiver refused alert for bed %s: %s", alert.get("bed"), str(answer).replace("\r", " | "))
+                log.error("receiver refused alert for bed %s: %s", alert.bed, str(answer).replace("\r", " | "))
             else:
                 tries += 1
                 self._failed(f"receiver answered {code or 'without MSA'}; retrying")

@@ -14,7 +14,9 @@ to the device's resolution.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 CONSCIOUSNESS = ("A", "C", "V", "P", "U")  # ACVPU: alert, new confusion, voice, pain, unresponsive
 
@@ -89,7 +91,8 @@ class News2:
         return text
 
 
-_NEWS2_PARAMETERS = (
+# (parameter, how to read it, its points); SpO2's points also depend on oxygen and scale 2
+_NEWS2_PARAMETERS: tuple[tuple[str, Callable[[Vitals], Any], Callable[..., int]], ...] = (
     ("respiratory_rate", lambda v: v.respiratory_rate, respiratory_rate_points),
     ("spo2", lambda v: v.spo2, lambda x, v: spo2_points(x, bool(v.on_oxygen), v.spo2_scale_2)),
     ("air_or_oxygen", lambda v: v.on_oxygen, oxygen_points),

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from bedside.repository.config import ModelConfig, TensorSpec, WarmupSpec
+from bedside.modelconfig.model import ContractSpec, ModelConfig, TensorSpec, WarmupSpec
 
-DEMO_STAMP = ".bedside-demo-v3"
+DEMO_STAMP = ".bedside-demo-v4"  # v4: configs carry the stream contract
 TOLERANCE = 1e-5
 _DEFAULTED = {"scheduling", "queue_policy", "tenants"}  # left to bedside's defaults
 DISCLAIMER = (
@@ -132,6 +132,7 @@ def _breast_mass_malignancy() -> BuiltModel:
         inputs=(TensorSpec("features", "FP32", (30,)),),
         outputs=(TensorSpec("label", "INT64", ()), TensorSpec("probabilities", "FP32", (2,))),
         warmup=WarmupSpec(batch_sizes=(1, 8), fill="zeros", iterations=3),
+        contract=ContractSpec(score_output="probabilities", labels=("benign", "malignant"), positive_class="malignant"),
     )
     card = f"""# breast_mass_malignancy (version 1)
 
@@ -226,7 +227,7 @@ def _vitals_deterioration() -> BuiltModel:
     import lightgbm as lgb
     from sklearn.metrics import roc_auc_score
 
-    from bedside.streams.features import NAMES, WIDTH
+    from bedside.clinical.features import NAMES, WIDTH
     from bedside.synthetic.vitals import dataset
 
     x, y = dataset(3000, seed=0)
@@ -244,6 +245,10 @@ def _vitals_deterioration() -> BuiltModel:
         inputs=(TensorSpec("features", "FP32", (WIDTH,)),),
         outputs=(TensorSpec("label", "INT64", ()), TensorSpec("probabilities", "FP32", (2,))),
         warmup=WarmupSpec(batch_sizes=(1, 32), fill="zeros", iterations=3),
+        # the scorer reads the risk from here: probabilities[:, deteriorating]
+        contract=ContractSpec(
+            score_output="probabilities", labels=("stable", "deteriorating"), positive_class="deteriorating"
+        ),
     )
     card = f"""# vitals_deterioration (version 1)
 
@@ -314,6 +319,8 @@ def _ecg_rhythm() -> BuiltModel | None:
         inputs=(TensorSpec("ecg", "FP32", (len(LEADS), 1250)),),
         outputs=(TensorSpec("probabilities", "FP32", (len(RHYTHMS),)),),
         warmup=WarmupSpec(batch_sizes=(1, 8), fill="random", iterations=3),
+        # the ECG stream reads the rhythm names from here, in output order
+        contract=ContractSpec(input="ecg", score_output="probabilities", labels=RHYTHMS),
     )
     card = f"""# ecg_rhythm (version 1)
 
@@ -344,15 +351,16 @@ def _real_ecg_check(model_bytes: bytes) -> str:
     try:
         from pydicom.data import get_testdata_file
 
-        from bedside.streams.ecgfile import read_dicom_ecg
+        from bedside.tools.ecgfile import read_dicom_ecg
     except ImportError:
         return "Not run: the real ECG check needs the `dicom` extra (pydicom)."
     import onnxruntime as ort
 
-    from bedside.streams.ecg import LEAD_II, WINDOW, heart_rate
-    from bedside.synthetic.ecg import FS, RHYTHMS
+    from bedside.clinical.ecg import FS, LEAD_II, heart_rate
+    from bedside.streams.ecg import WINDOW
+    from bedside.synthetic.ecg import RHYTHMS
 
-    recording = read_dicom_ecg(Path(get_testdata_file("waveform_ecg.dcm")))
+    recording = read_dicom_ecg(Path(str(get_testdata_file("waveform_ecg.dcm"))))
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     starts = range(0, recording.samples.shape[1] - WINDOW + 1, FS)
     windows = np.stack([recording.samples[:, s : s + WINDOW] for s in starts])

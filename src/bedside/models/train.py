@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from bedside.synthetic.ecg import dataset
@@ -9,7 +11,7 @@ from bedside.synthetic.ecg import dataset
 
 def train_ecg_cnn(
     train: int = 2000, epochs: int = 3, seed: int = 0, batch: int = 64
-) -> tuple[object, float, tuple[np.ndarray, np.ndarray]]:
+) -> tuple[Any, float, tuple[np.ndarray, np.ndarray]]:
     """Train the ECG 1D-CNN on SYNTHETIC 12-lead windows; return (model, held-out accuracy, held-out set)."""
     import torch
 

@@ -8,13 +8,16 @@ Percentiles are computed only when someone asks.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
 import numpy as np
 
+from bedside.settings import DEFAULTS
+
 WINDOW = 4096
-MAX_TENANTS = 256
+MAX_TENANTS = DEFAULTS.limits.max_tenants  # the queue refuses more; the last slot counts any stragglers
 OTHER_TENANTS = "(other tenants)"
 
 
@@ -80,6 +83,7 @@ class ModelStats:
         "executions",
         "failures",
         "inferences",
+        "last_inference_ms",
         "queue",
         "rejected",
         "request",
@@ -93,6 +97,7 @@ class ModelStats:
         self.failures = 0
         self.inferences = 0  # rows
         self.executions = 0  # model runs
+        self.last_inference_ms = 0  # wall clock of the last execution, ms since the epoch
         self.batch_sizes: Counter[int] = Counter()  # rows per execution
         self.rejected: Counter[str] = Counter()
         self.tenants: dict[str, TenantStats] = {}
@@ -110,6 +115,7 @@ class ModelStats:
     def record_execution(self, rows: int) -> None:
         self.executions += 1
         self.inferences += rows
+        self.last_inference_ms = time.time_ns() // 1_000_000
         self.batch_sizes[rows] += 1
 
     def record_request(self, tenant: str, queue_ns: int, compute_ns: int, total_ns: int) -> None:

@@ -112,6 +112,7 @@ def export_torch(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            dynamic: dict[str, Any]
             if dynamo:
                 batch = torch.export.Dim("batch", min=1, max=4096)
                 dynamic = {"opset_version": max(opset, 18), "dynamic_shapes": tuple({0: batch} for _ in tensors)}
@@ -121,7 +122,10 @@ def export_torch(
                     "dynamic_axes": {n: {0: "batch"} for n in input_names + output_names},
                 }
             torch.onnx.export(
-                module, tensors, buffer, input_names=input_names, output_names=output_names, dynamo=dynamo, **dynamic
+                module,
+                tensors,
+                buffer,  # type: ignore[arg-type]  # torch writes to a file object as well as a path
+                input_names=input_names, output_names=output_names, dynamo=dynamo, **dynamic
             )
     except Exception as exc:  # the exporters raise many types for unsupported operators
         raise ExportError(

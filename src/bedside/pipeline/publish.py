@@ -17,7 +17,8 @@ import onnxruntime as ort
 import tomli_w
 
 from bedside.errors import ModelLoadError
-from bedside.repository.config import CONFIG_FILE, check_against_graph, infer_config, load_config
+from bedside.modelconfig.graph import check_against_graph, infer_config
+from bedside.modelconfig.model import CONFIG_FILE, load_config
 from bedside.repository.store import MODEL_FILE
 from bedside.runtime.session import graph_io
 

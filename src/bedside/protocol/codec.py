@@ -60,20 +60,12 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("'id' must be a string")
-    timeout = params.get("timeout")
-    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0):
-        raise InvalidInput("parameter 'timeout' must be a non-negative integer of microseconds")
-    priority = params.get("priority")
-    if priority is not None and not isinstance(priority, (int, str)):
-        raise InvalidInput("parameter 'priority' must be a level number (1 = STAT) or a level name")
     return InferRequest(
         inputs=inputs,
         id=request_id,
         parameters=params,
         outputs=_decode_outputs(doc.get("outputs")),
         binary_output=bool(params.get("binary_data_output", False)),
-        priority=priority,
-        timeout_us=timeout,
     )
 
 

@@ -7,6 +7,22 @@ from typing import Any
 
 import numpy as np
 
+DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """Who is asking and how urgently: the caller's identity, tenant, priority and deadline.
+
+    `priority` is a wire priority (1 = STAT .. N = routine, or a level name), resolved against the
+    model's levels by the scheduler; `timeout_us` is the queue deadline (None: the level's default)."""
+
+    tenant: str = DEFAULT_TENANT
+    priority: int | str | None = None
+    timeout_us: int | None = None
+    caller: str | None = None  # authenticated identity, once authentication is in place
+    transport: str = "internal"  # rest | grpc | ecg | scorer | internal: for statistics and audit
+
 
 @dataclass(slots=True)
 class RequestedOutput:
@@ -21,9 +37,6 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     outputs: list[RequestedOutput] | None = None  # None: every output of the model
     binary_output: bool = False
-    priority: int | str | None = None  # 1 = STAT .. N = routine, or a level name; None: the default
-    tenant: str = "default"
-    timeout_us: int | None = None  # queue deadline; None: the priority level's default
 
     def output_names(self) -> list[str] | None:
         return None if self.outputs is None else [o.name for o in self.outputs]

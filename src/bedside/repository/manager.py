@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from bedside.errors import BedsideError, ModelLoadError, NotFound
+from bedside.modelconfig.graph import check_against_graph, infer_config
+from bedside.modelconfig.model import ModelConfig
 from bedside.monitoring.latency import ModelStats
-from bedside.repository.config import ModelConfig, check_against_graph, infer_config
 from bedside.repository.store import ModelStore
 from bedside.runtime.session import OnnxModel, graph_io, open_session
 
@@ -121,7 +122,7 @@ class RepositoryManager:
             entry.config = self.store.config(name)
             versions = self.store.versions(name)
             if not versions:
-                raise ModelLoadError(f"no version folders (1/, 2/, ...) under {self.store.folder(name)}")
+                raise ModelLoadError(f"no version folders (1/, 2/, ...) under {name}/")
             wanted = (
                 entry.config.version_policy if entry.config else infer_config(name, [], []).version_policy
             ).select(versions)

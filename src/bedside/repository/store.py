@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bedside.errors import ModelLoadError, NotFound
-from bedside.repository.config import CONFIG_FILE, ModelConfig, load_config
+from bedside.modelconfig.model import CONFIG_FILE, ModelConfig, load_config
 
 MODEL_FILE = "model.onnx"
 
@@ -23,7 +23,7 @@ class ModelStore:
         path = self.root / name
         # A name must never climb out of the repository ("../etc").
         if "/" in name or "\\" in name or name in ("", ".", "..") or not path.is_dir():
-            raise NotFound(f"model {name!r} is not in the repository {self.root}")
+            raise NotFound(f"model {name[:64]!r} is not in the repository")
         return path
 
     def config(self, name: str) -> ModelConfig | None:
@@ -38,5 +38,5 @@ class ModelStore:
     def model_file(self, name: str, version: int) -> Path:
         path = self.folder(name) / str(version) / MODEL_FILE
         if not path.is_file():
-            raise ModelLoadError(f"version {version} has no {MODEL_FILE} at {path}")
+            raise ModelLoadError(f"version {version} has no {MODEL_FILE} ({name}/{version}/{MODEL_FILE})")
         return path

@@ -9,8 +9,9 @@ import numpy as np
 import onnxruntime as ort
 
 from bedside.errors import ModelLoadError
+from bedside.modelconfig.graph import GraphTensor
+from bedside.modelconfig.model import ModelConfig
 from bedside.protocol.datatypes import ORT_TO_OIP, numpy_dtype
-from bedside.repository.config import GraphTensor, ModelConfig
 from bedside.runtime import providers
 
 # Small models lose more to thread hand-offs than they gain from a second core.

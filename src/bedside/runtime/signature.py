@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from bedside.errors import InvalidInput, TooLarge
+from bedside.modelconfig.model import ModelConfig
 from bedside.protocol.datatypes import numpy_dtype, oip_datatype
-from bedside.repository.config import ModelConfig
 
 
 class Signature:

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from bedside.errors import InvalidInput, Overloaded, Unavailable
-from bedside.scheduler.policy import SchedulingPolicy
+from bedside.errors import DeadlineExceeded, InvalidInput, Overloaded
+from bedside.modelconfig.scheduling import SchedulingPolicy
+from bedside.settings import DEFAULTS
 
 SCAN_LIMIT = 256  # jobs looked at per lane when filling a batch: bounds the work under a deep queue
-MAX_TENANTS = 1024  # distinct tenant names one model tracks: names come from callers, memory must not
 _EWMA = 0.2
 
 
@@ -47,8 +47,15 @@ def retry_after(ns: float) -> dict[str, str]:
 
 
 class RequestQueue:
-    def __init__(self, policy: SchedulingPolicy, max_batch: int, instances: int = 1) -> None:
+    def __init__(
+        self,
+        policy: SchedulingPolicy,
+        max_batch: int,
+        instances: int = 1,
+        max_tenants: int = DEFAULTS.limits.max_tenants,
+    ) -> None:
         self.policy = policy
+        self.max_tenants = max_tenants  # distinct tenant names tracked: names come from callers, memory must not
         self.levels = policy.priority_levels
         self.max_batch = max_batch if max_batch > 0 and policy.batching.enabled else 0
         self.instances = max(1, instances)
@@ -76,9 +83,9 @@ class RequestQueue:
                 f"its quota (max_in_flight); retry when some complete",
                 retry_after(self.exec_ewma_ns),
             )
-        if job.tenant not in self._served and len(self._served) >= MAX_TENANTS:
+        if job.tenant not in self._served and len(self._served) >= self.max_tenants:
             raise Overloaded(
-                f"this model already serves {MAX_TENANTS} distinct tenants; tenant {job.tenant!r} is refused"
+                f"this model already serves {self.max_tenants} distinct tenants; tenant {job.tenant!r} is refused"
             )
         if self._waiting[job.level] >= level_policy.max_queue_size:
             raise Overloaded(
@@ -96,7 +103,7 @@ class RequestQueue:
             job.deadline = now + timeout * 1000
             wait = self.estimate_wait_ns(job.level, job.rows)
             if self.exec_ewma_ns and now + wait > job.deadline:
-                raise Unavailable(
+                raise DeadlineExceeded(
                     f"request cannot finish within its {timeout / 1000:g} ms deadline: about {wait / 1e6:.1f} ms "
                     f"of work is queued at priority {job.level + 1} or above",
                     retry_after(wait),

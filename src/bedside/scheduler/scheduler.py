@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 
-from bedside.errors import NotFound
 from bedside.monitoring.latency import ModelStats
 from bedside.runtime.session import OnnxModel
 from bedside.scheduler.worker import ModelQueue
@@ -40,11 +39,9 @@ class Scheduler:
         else:
             self._latest.pop(name, None)
 
-    def lookup(self, name: str, version: int | None) -> ModelQueue:
-        found = self._latest.get(name) if version is None else self._queues.get((name, version))
-        if found is None:
-            raise NotFound(f"model {name!r} version {version or 'latest'} is not being served")
-        return found
+    def find(self, name: str, version: int | None) -> ModelQueue | None:
+        """The queue serving this model version (the newest when None), or None."""
+        return self._latest.get(name) if version is None else self._queues.get((name, version))
 
     def depth(self, name: str, version: int) -> dict[str, int] | None:
         found = self._queues.get((name, version))

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from bedside.errors import BedsideError, InferenceFailed, Retired, Unavailable
+from bedside.errors import BedsideError, DeadlineExceeded, InferenceFailed, Retired
 from bedside.monitoring.latency import ModelStats
-from bedside.protocol.types import InferRequest
+from bedside.protocol.types import CallContext, InferRequest
 from bedside.runtime.session import OnnxModel
 from bedside.runtime.signature import Signature
 from bedside.scheduler.batching import batch_key, merge, split
@@ -33,6 +33,7 @@ log = logging.getLogger("bedside.scheduler")
 class ModelQueue:
     def __init__(self, model: OnnxModel, stats: ModelStats, clock: Clock = perf_counter_ns) -> None:
         self.model = model
+        self.version_text = str(model.version)
         self.stats = stats
         self.signature = Signature(model.config)
         self.policy = model.config.scheduling
@@ -54,21 +55,22 @@ class ModelQueue:
         for _ in self._workers:  # attached only once every worker has set itself up
             self._started.acquire(timeout=10)
 
-    def submit(self, request: InferRequest) -> asyncio.Future[dict[str, np.ndarray]]:
+    def submit(self, request: InferRequest, context: CallContext) -> asyncio.Future[dict[str, np.ndarray]]:
         names = request.output_names()
         rows = self.signature.check(request.inputs, names)
-        level = self.policy.level_of(request.priority, request.tenant)
+        tenant = context.tenant
+        level = self.policy.level_of(context.priority, tenant)
         future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
-        key = batch_key(request.tenant, request.inputs, names)
-        job = Job(request.inputs, names, rows, key, request.tenant, level, 0, future=future)
+        key = batch_key(tenant, request.inputs, names)
+        job = Job(request.inputs, names, rows, key, tenant, level, 0, future=future)
         with self._cond:
             if self._closing:
                 raise Retired(f"model {self.model.name!r} v{self.model.version} is being unloaded")
             job.enqueued = self._clock()
             try:
-                self.queue.admit(job, job.enqueued, request.timeout_us)
+                self.queue.admit(job, job.enqueued, context.timeout_us)
             except BedsideError as exc:
-                self.stats.reject(request.tenant, type(exc).__name__)
+                self.stats.reject(tenant, type(exc).__name__)
                 raise
             if self._notify_all:
                 self._cond.notify_all()
@@ -125,7 +127,7 @@ class ModelQueue:
         for job in jobs:
             waited = (now - job.enqueued) / 1e6
             self.stats.reject(job.tenant, "DeadlineExceeded")
-            error = Unavailable(
+            error = DeadlineExceeded(
                 f"deadline exceeded after {waited:.1f} ms in the queue of {self.model.name!r} at priority "
                 f"{job.level + 1}; the request was not run",
                 retry_after(self.queue.exec_ewma_ns),

@@ -8,12 +8,12 @@ from collections import OrderedDict, deque
 import numpy as np
 
 from bedside.alerts.rules import Vitals
-from bedside.streams import features
+from bedside.clinical import features
+from bedside.settings import DEFAULTS
 from bedside.streams.hl7v2 import VitalsMessage
 
 WINDOW_S = 3600.0
 MAX_POINTS = 720  # per vital sign per bed: one reading every 5 s for an hour
-MAX_BEDS = 2048
 STALE_S = {"temperature": 6 * 3600.0, "consciousness": 4 * 3600.0, "on_oxygen": 4 * 3600.0}
 DEFAULT_STALE_S = 900.0  # a reading older than this no longer describes the patient
 
@@ -84,7 +84,7 @@ class BedState:
 class Beds:
     """All beds, least recently updated evicted first when the table is full."""
 
-    def __init__(self, max_beds: int = MAX_BEDS) -> None:
+    def __init__(self, max_beds: int = DEFAULTS.streams.max_beds) -> None:
         self.max_beds = max_beds
         self._beds: OrderedDict[str, BedState] = OrderedDict()
         self.evicted = 0

@@ -1,29 +1,34 @@
-"""Real-time 12-lead ECG: samples arrive in chunks, sliding windows are classified by the rhythm
-model through the scheduler, and each result carries its latency against the 4 ms budget.
+"""Real-time 12-lead ECG, one session per bed: chunks of samples in, one rhythm result per window out.
 
-Wire format of a chunk (WebSocket binary message): float32 little-endian millivolts, sample-
-interleaved, shape [n, 12] in the order I, II, III, aVR, aVL, aVF, V1-V6, at 250 Hz.
-When the model cannot answer, the heart rate from R-peak detection on lead II still goes out,
-flagged `source: rules`, `degraded: true`.
+A session knows nothing of the transport: the server's WebSocket hands it the bytes of each message
+and sends back what it returns. Windows of 5 s every 1 s are classified by the rhythm model through
+the dataplane (priority STAT); the model's input and labels come from its config (`[contract]`), so
+a hospital's own rhythm model drops in without code changes. When the model cannot answer, the
+heart rate from R-peak detection still goes out, flagged `source: rules`, `degraded: true`.
+
+Wire format of a chunk: float32 little-endian millivolts, sample-interleaved, [n, 12], at 250 Hz.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from bedside.engine import Engine
-from bedside.errors import BedsideError
+from bedside.alerts.bus import AlertBus
+from bedside.alerts.policies import RhythmAlert
+from bedside.clinical.ecg import FS, LEAD_II, LEADS, confirmed, r_peaks, rate_from_peaks, rr_irregularity
+from bedside.dataplane import CallContext, Dataplane, ModelContract
+from bedside.errors import BedsideError, Unavailable
 from bedside.protocol.types import InferRequest
-from bedside.synthetic.ecg import FS, LEADS, RHYTHMS
+from bedside.settings import ECGSettings
 
 WINDOW = 5 * FS
 HOP = FS
-BUDGET_MS = 4.0
-AF_MIN_IRREGULARITY = 0.08
-LEAD_II = LEADS.index("II")
+STAT = CallContext(tenant="streams", priority="stat", transport="ecg")
+LATENCY_WINDOW = 4096
 
 
 class ChunkError(ValueError):
@@ -75,51 +80,120 @@ class ECGWindows:
         return ready
 
 
-def r_peaks(lead: np.ndarray, fs: int = FS) -> list[int]:
-    """R-peak sample positions: slope energy over 120 ms, adaptive threshold, 250 ms refractory."""
-    slope = np.diff(lead.astype(np.float64)) ** 2
-    width = int(0.12 * fs)
-    summed = np.cumsum(slope)
-    energy = np.empty(len(summed) - width + 1)  # 120 ms moving sum (a constant shift, same intervals)
-    energy[0] = summed[width - 1]
-    energy[1:] = summed[width:] - summed[:-width]
-    top = int(0.99 * (len(energy) - 1))
-    threshold = 0.3 * np.partition(energy, top)[top]  # the 99th percentile, without a full sort
-    middle = energy[1:-1]
-    candidates = np.flatnonzero((middle > threshold) & (middle >= energy[:-2]) & (middle >= energy[2:])) + 1
-    peaks, last = [], -fs
-    for i in candidates.tolist():  # a few dozen local maxima, not every sample
-        if i - last > 0.25 * fs:
-            peaks.append(i)
-            last = i
-    return peaks
+@dataclass(slots=True)
+class RhythmResult:
+    bed: str
+    sample_end: int
+    heart_rate: float | None
+    rr_irregularity: float | None
+    rhythm: str | None = None
+    probability: float | None = None
+    confirmed: bool = False
+    source: str = "rules"
+    degraded: bool = True
+    latency_ms: float | None = None
+    within_budget: bool | None = None
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["type"] = "ecg"
+        if self.degraded:
+            for key in ("probability", "confirmed", "latency_ms", "within_budget"):
+                del doc[key]
+        else:
+            del doc["reason"]
+        return doc
 
 
-def rate_from_peaks(peaks: list[int], fs: int = FS) -> float | None:
-    """Beats per minute from the median R-R interval."""
-    return float(60.0 * fs / np.median(np.diff(peaks))) if len(peaks) >= 2 else None
+class ECGStats:
+    """Windows classified and their window-to-score latency, across all beds."""
+
+    def __init__(self) -> None:
+        self.windows = 0
+        self.latencies_ms: list[float] = []
+
+    def record(self, latency_ms: float | None) -> None:
+        self.windows += 1
+        if latency_ms is not None:
+            self.latencies_ms.append(latency_ms)
+            if len(self.latencies_ms) > 2 * LATENCY_WINDOW:
+                del self.latencies_ms[:-LATENCY_WINDOW]
 
 
-def heart_rate(lead: np.ndarray, fs: int = FS) -> float | None:
-    return rate_from_peaks(r_peaks(lead, fs), fs)
+class ECGSession:
+    """One bed's ECG stream."""
+
+    def __init__(self, dataplane: Dataplane, settings: ECGSettings, bed: str, bus: AlertBus, stats: ECGStats) -> None:
+        self.dataplane, self.settings, self.bed, self.bus, self.stats = dataplane, settings, bed, bus, stats
+        self.windows = ECGWindows()
+        self.policy = RhythmAlert(bed, settings.alert_probability)
+
+    async def push(self, data: bytes) -> list[RhythmResult]:
+        """Take one chunk; return a result for every window it completes. Raises ChunkError for a
+        chunk that is not [n, 12] finite float32 samples (the session carries on)."""
+        results = []
+        for end, window in self.windows.push(decode_chunk(data)):
+            result = await self.classify(end, window)
+            self.stats.record(result.latency_ms)
+            alert = self.policy.decide(
+                result.rhythm, result.probability or 0.0, result.confirmed, result.source, time.time()
+            )
+            if alert is not None:
+                self.bus.publish(alert)
+            results.append(result)
+        return results
+
+    async def classify(self, end_sample: int, window: np.ndarray) -> RhythmResult:
+        started = time.perf_counter()  # the window is complete: window -> score starts here
+        peaks = r_peaks(window[LEAD_II])
+        irregularity = rr_irregularity(peaks)
+        rate = rate_from_peaks(peaks)
+        result = RhythmResult(
+            self.bed,
+            end_sample,
+            None if rate is None else round(rate, 1),
+            None if irregularity is None else round(irregularity, 3),
+        )
+        model = self.settings.model
+        try:
+            contract = self.dataplane.contract(model)
+            feed = _feed(contract, window)
+            response = await self.dataplane.infer(model, None, InferRequest(feed), STAT)
+            probabilities = _as_probabilities(np.asarray(response.outputs[contract.score_output])[0])
+            latency = (time.perf_counter() - started) * 1e3
+            top = int(np.argmax(probabilities))
+            if top >= len(contract.labels):
+                raise Unavailable(
+                    f"model {model!r} gives {len(probabilities)} scores for {len(contract.labels)} labels"
+                )
+            rhythm = contract.labels[top]
+            result.rhythm = rhythm
+            result.probability = round(float(probabilities[top]), 4)
+            result.confirmed = confirmed(rhythm, irregularity, self.settings.af_min_irregularity)
+            result.source = f"{model} v{response.model_version}"
+            result.degraded = False
+            result.latency_ms = round(latency, 3)
+            result.within_budget = latency <= self.settings.budget_ms
+        except BedsideError as exc:
+            result.reason = f"AI rhythm analysis unavailable: {exc.message}; heart rate from R-peak detection only"
+        return result
 
 
-def rr_irregularity(peaks: list[int]) -> float | None:
-    """Coefficient of variation of the R-R intervals (sinus rhythm ~0.02-0.05, atrial fibrillation
-    mostly above 0.1); None with fewer than three intervals to judge by."""
-    if len(peaks) < 4:
-        return None
-    intervals = np.diff(peaks)
-    return float(intervals.std() / intervals.mean())
-
-
-def confirmed(rhythm: str | None, irregularity: float | None) -> bool:
-    """Whether the R-R intervals bear the rhythm out. Atrial fibrillation is irregularly irregular by
-    definition: a model calling it on regular beats is not raised as an alert (the result still says
-    what the model saw). Other rhythms are taken as the model gives them."""
-    if rhythm != "atrial_fibrillation":
-        return True
-    return irregularity is not None and irregularity >= AF_MIN_IRREGULARITY
+def _feed(contract: ModelContract, window: np.ndarray) -> dict[str, np.ndarray]:
+    """The window in the shape the model's contract asks for, or a clear reason why it cannot be."""
+    spec = contract.input
+    fits = len(spec.shape) == 3 and all(
+        d in (-1, want) for d, want in zip(spec.shape, (1, len(LEADS), WINDOW), strict=True)
+    )
+    if spec.datatype != "FP32" or not fits:
+        raise Unavailable(
+            f"model {contract.name!r} input {spec.name!r} is {spec.datatype} {list(spec.shape)}; the ECG stream "
+            f"feeds FP32 [1, {len(LEADS)}, {WINDOW}] windows"
+        )
+    if not contract.labels:
+        raise Unavailable(f"model {contract.name!r} names no rhythm labels ([contract] labels in its config)")
+    return {spec.name: window[None]}
 
 
 def _as_probabilities(scores: np.ndarray) -> np.ndarray:
@@ -127,39 +201,4 @@ def _as_probabilities(scores: np.ndarray) -> np.ndarray:
     if scores.min() >= 0 and abs(float(scores.sum()) - 1.0) < 1e-3:
         return scores
     shifted = np.exp(scores - scores.max())
-    return shifted / shifted.sum()
-
-
-async def classify(engine: Engine, model: str, bed: str, end_sample: int, window: np.ndarray) -> dict[str, Any]:
-    started = time.perf_counter()  # the window is complete: window -> score starts here
-    result: dict[str, Any] = {"type": "ecg", "bed": bed, "sample_end": end_sample, "heart_rate": None}
-    peaks = r_peaks(window[LEAD_II])
-    irregularity = rr_irregularity(peaks)
-    rate = rate_from_peaks(peaks)
-    result["heart_rate"] = None if rate is None else round(rate, 1)
-    result["rr_irregularity"] = None if irregularity is None else round(irregularity, 3)
-    try:
-        queue = engine.route(model, None)
-        response = await engine.infer(queue, InferRequest({"ecg": window[None]}, priority="stat", tenant="streams"))
-        scores = np.asarray(next(iter(response.outputs.values())))[0]
-        probabilities = _as_probabilities(scores)
-        latency = (time.perf_counter() - started) * 1e3
-        top = int(np.argmax(probabilities))
-        rhythm = RHYTHMS[top] if top < len(RHYTHMS) else str(top)
-        result.update(
-            rhythm=rhythm,
-            probability=round(float(probabilities[top]), 4),
-            confirmed=confirmed(rhythm, irregularity),
-            source=f"{model} v{response.model_version}",
-            degraded=False,
-            latency_ms=round(latency, 3),
-            within_budget=latency <= BUDGET_MS,
-        )
-    except BedsideError as exc:
-        result.update(
-            rhythm=None,
-            source="rules",
-            degraded=True,
-            reason=f"AI rhythm analysis unavailable: {exc.message}; heart rate from R-peak detection only",
-        )
-    return result
+    return np.asarray(shifted / shifted.sum())

@@ -32,13 +32,13 @@ from typing import Any
 
 import orjson
 
+from bedside.settings import DEFAULTS
 from bedside.streams.hl7v2 import HL7Error, Observation, VitalsMessage
 from bedside.streams.mllp import MAX_FRAME, MLLPServer
 
 log = logging.getLogger("bedside.ingest")
 STORED, FAILED = 0, 1
 START_TIMEOUT_S = 30.0
-STORE_TIMEOUT_S = 5.0  # a monitor waits no longer than this for its ACK
 RESTART_BACKOFF_S = (0.5, 30.0)
 SLICE = 16  # messages stored per turn of the serving loop
 
@@ -58,12 +58,14 @@ class IngestProcess:
     def __init__(
         self,
         on_message: Callable[[VitalsMessage], None],
-        host: str = "127.0.0.1",
-        port: int = 2575,
+        host: str = DEFAULTS.server.host,
+        port: int = DEFAULTS.streams.mllp_port,
+        ack_timeout_s: float = DEFAULTS.streams.ack_timeout_s,
         max_frame: int = MAX_FRAME,
     ) -> None:
         self.on_message = on_message
         self.host, self.port, self.max_frame = host, port, max_frame
+        self.ack_timeout_s = ack_timeout_s
         self.accepted = self.rejected = self.connections = self.open_connections = self.restarts = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._link: _ParentLink | None = None
@@ -101,6 +103,7 @@ class IngestProcess:
                     f"--host={self.host}",
                     f"--port={self.port}",
                     f"--max-frame={self.max_frame}",
+                    f"--ack-timeout={self.ack_timeout_s}",
                 ],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -226,8 +229,9 @@ class _ParentLink(asyncio.Protocol):
 class _ChildLink:
     """The child's end: forwards parsed messages and waits for the server to store each one."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ack_timeout_s: float) -> None:
         self.reader, self.writer = reader, writer
+        self.ack_timeout_s = ack_timeout_s
         self.seq = 0
         self.pending: dict[int, asyncio.Future[int]] = {}
         self.server: MLLPServer | None = None
@@ -241,10 +245,10 @@ class _ChildLink:
         answer = self.pending[seq] = asyncio.get_running_loop().create_future()
         self.send({"s": seq, "b": message.bed, "o": [[o.vital, o.value, o.time] for o in message.observations]})
         try:
-            outcome = await asyncio.wait_for(answer, STORE_TIMEOUT_S)
+            outcome = await asyncio.wait_for(answer, self.ack_timeout_s)
         except TimeoutError:
             raise HL7Error(
-                f"the server did not store the observations within {STORE_TIMEOUT_S:.0f} s; send again",
+                f"the server did not store the observations within {self.ack_timeout_s:g} s; send again",
                 "AE",
                 message.control_id,
             ) from None
@@ -278,9 +282,9 @@ class _ChildLink:
                 answer.set_result(record[8])
 
 
-async def _child(fd: int, host: str, port: int, max_frame: int) -> int:
+async def _child(fd: int, host: str, port: int, max_frame: int, ack_timeout_s: float) -> int:
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
-    link = _ChildLink(reader, writer)
+    link = _ChildLink(reader, writer, ack_timeout_s)
     server = link.server = MLLPServer(link.store, host, port, max_frame, on_change=link.counters)
     try:
         await server.start()
@@ -300,9 +304,10 @@ async def _child(fd: int, host: str, port: int, max_frame: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="bedside HL7/MLLP ingest (started by the server)")
     parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=2575)
+    parser.add_argument("--host", default=DEFAULTS.server.host)
+    parser.add_argument("--port", type=int, default=DEFAULTS.streams.mllp_port)
     parser.add_argument("--max-frame", type=int, default=MAX_FRAME)
+    parser.add_argument("--ack-timeout", type=float, default=DEFAULTS.streams.ack_timeout_s)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then closes the link
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -311,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
 
         runner = uvloop.run
-    return int(runner(_child(args.fd, args.host, args.port, args.max_frame)))
+    return int(runner(_child(args.fd, args.host, args.port, args.max_frame, args.ack_timeout)))
 
 
 if __name__ == "__main__":

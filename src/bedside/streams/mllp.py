@@ -13,6 +13,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 
+from bedside.settings import DEFAULTS
 from bedside.streams.hl7v2 import HL7Error, VitalsMessage, ack, parse_oru
 
 START, END = b"\x0b", b"\x1c\x0d"
@@ -31,8 +32,8 @@ class MLLPServer:
     def __init__(
         self,
         on_message: Callable[[VitalsMessage], Awaitable[None] | None],
-        host: str = "127.0.0.1",
-        port: int = 2575,
+        host: str = DEFAULTS.server.host,
+        port: int = DEFAULTS.streams.mllp_port,
         max_frame: int = MAX_FRAME,
         on_change: Callable[[], None] | None = None,
     ) -> None:

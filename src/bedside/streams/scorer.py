@@ -1,5 +1,6 @@
 """Score every bed on a fixed cadence: NEWS2 and qSOFA always, the deterioration model when it can
-be trusted. Model requests go through the same scheduler as HTTP traffic (priority: urgent).
+be trusted. Model requests go through the dataplane like any other caller (priority: urgent), and
+the model's score output and positive class come from its config (`[contract]`).
 
 A failing model never blocks alerts: when the model is missing, unloaded, overloaded, too slow or
 its input too incomplete, the bed is scored by the rules alone, the event says `source: rules` and
@@ -11,38 +12,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 import numpy as np
 
 from bedside.alerts.bus import AlertBus
+from bedside.alerts.events import VitalsScore
+from bedside.alerts.policies import VitalsEscalation
 from bedside.alerts.rules import Vitals, news2, qsofa
-from bedside.engine import Engine
+from bedside.clinical.features import WIDTH
+from bedside.dataplane import CallContext, Dataplane
 from bedside.errors import BedsideError
 from bedside.protocol.types import InferRequest
+from bedside.settings import DEFAULTS, ScoringSettings
 from bedside.streams.beds import Beds
 
 log = logging.getLogger("bedside.streams")
-LEVELS = {"low": 0, "low-medium": 1, "medium": 2, "high": 3}
 SLICE = 16  # beds handled between two yields of the event loop
+LATENCY_WINDOW = 4096
 
 
 class VitalsScorer:
     def __init__(
-        self,
-        engine: Engine,
-        beds: Beds,
-        bus: AlertBus,
-        model: str = "vitals_deterioration",
-        interval_s: float = 15.0,
-        timeout_s: float = 0.5,
-        threshold: float = 0.5,
-        min_completeness: float = 0.5,
+        self, dataplane: Dataplane, beds: Beds, bus: AlertBus, settings: ScoringSettings = DEFAULTS.scoring
     ) -> None:
-        self.engine, self.beds, self.bus = engine, beds, bus
-        self.model, self.interval_s, self.timeout_s = model, interval_s, timeout_s
-        self.threshold, self.min_completeness = threshold, min_completeness
-        self.last_level: dict[str, tuple[int, str, bool]] = {}
+        self.dataplane, self.beds, self.bus, self.settings = dataplane, beds, bus, settings
+        self.policy = VitalsEscalation(settings.risk_threshold)
+        self.context = CallContext(
+            tenant="streams", priority="urgent", timeout_us=int(settings.timeout_ms * 1000), transport="scorer"
+        )
         self.cycles = 0
         self.latencies_ms: list[float] = []
 
@@ -53,9 +50,9 @@ class VitalsScorer:
                 await self.score_all()
             except Exception:  # one bad cycle must not end scoring for every bed
                 log.exception("scoring cycle failed")
-            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
+            await asyncio.sleep(max(0.0, self.settings.interval_s - (time.monotonic() - started)))
 
-    async def score_all(self, now: float | None = None) -> list[dict[str, Any]]:
+    async def score_all(self, now: float | None = None) -> list[VitalsScore]:
         """One cycle: snapshot every bed, one batched model request for all of them, then rules and
         alerts per bed. The loop is yielded every SLICE beds, so a ward-wide cycle never stalls the
         ECG and HL7 streams that share it."""
@@ -68,14 +65,16 @@ class VitalsScorer:
             snapshots.append((bed, state.vitals(now), vector, completeness))
             if i % SLICE == SLICE - 1:
                 await asyncio.sleep(0)
-        usable = [k for k, snap in enumerate(snapshots) if snap[3] >= self.min_completeness]
+        self.policy.forget({snap[0] for snap in snapshots})
+        minimum = self.settings.min_completeness
+        usable = [k for k, snap in enumerate(snapshots) if snap[3] >= minimum]
         risks, source, model_problem = await self._model_risks([snapshots[k][2] for k in usable])
         risk_of = dict(zip(usable, risks, strict=True)) if risks is not None else {}
         events = []
         for k, (bed, vitals, _, completeness) in enumerate(snapshots):
             if k in risk_of:
                 problem = ""
-            elif completeness < self.min_completeness:
+            elif completeness < minimum:
                 problem = f"vital signs too incomplete for the model ({completeness:.0%} present)"
             else:
                 problem = model_problem
@@ -88,25 +87,35 @@ class VitalsScorer:
         """Risk per vector from one batched request (split at the model's max batch size)."""
         if not vectors:
             return [], "rules", ""
+        model, timeout_s = self.settings.model, self.settings.timeout_ms / 1e3
         started = time.perf_counter()
         try:
-            queue = self.engine.route(self.model, None)
-            step = queue.model.config.max_batch_size or 1
-            risks: list[float] = []
-            version = ""
-            for i in range(0, len(vectors), step):
-                batch = np.stack(vectors[i : i + step]) if queue.model.config.max_batch_size else vectors[i][None, :]
-                request = InferRequest(
-                    {"features": batch}, priority="urgent", tenant="streams", timeout_us=int(self.timeout_s * 1e6)
+            contract = self.dataplane.contract(model)
+            spec = contract.input
+            if spec.datatype != "FP32" or spec.shape[1:] not in ((WIDTH,), (-1,)):
+                return (
+                    None,
+                    "rules",
+                    (
+                        f"model {model!r} input {spec.name!r} is {spec.datatype} {list(spec.shape)}; "
+                        f"the scorer feeds FP32 [batch, {WIDTH}] vital-sign features"
+                    ),
                 )
-                response = await asyncio.wait_for(self.engine.infer(queue, request), self.timeout_s)
-                risks += np.asarray(response.outputs["probabilities"])[:, -1].astype(float).tolist()
+            column = contract.positive_index()
+            step = contract.max_batch_size or 1
+            risks: list[float] = []
+            version = contract.version
+            for i in range(0, len(vectors), step):
+                batch = np.stack(vectors[i : i + step])
+                request = InferRequest({spec.name: batch})
+                response = await asyncio.wait_for(self.dataplane.infer(model, None, request, self.context), timeout_s)
                 version = response.model_version
+                risks += np.asarray(response.outputs[contract.score_output])[:, column].astype(float).tolist()
             self.latencies_ms.append((time.perf_counter() - started) * 1e3)
-            del self.latencies_ms[:-4096]
-            return risks, f"{self.model} v{version}", ""
+            del self.latencies_ms[:-LATENCY_WINDOW]
+            return risks, f"{model} v{version}", ""
         except TimeoutError:
-            return None, "rules", f"model {self.model!r} did not answer within {self.timeout_s * 1e3:.0f} ms"
+            return None, "rules", f"model {model!r} did not answer within {timeout_s * 1e3:.0f} ms"
         except BedsideError as exc:
             return None, "rules", exc.message
         except Exception as exc:  # whatever the model does, the rules still alert
@@ -114,49 +123,23 @@ class VitalsScorer:
 
     def _publish(
         self, bed: str, now: float, vitals: Vitals, risk: float | None, source: str, problem: str
-    ) -> dict[str, Any]:
+    ) -> VitalsScore:
         early_warning, sepsis = news2(vitals), qsofa(vitals)
-        event: dict[str, Any] = {
-            "type": "score",
-            "bed": bed,
-            "time": now,
-            "news2": early_warning.score,
-            "news2_risk": early_warning.risk,
-            "news2_complete": early_warning.complete,
-            "qsofa": sepsis.score,
-            "qsofa_positive": sepsis.positive,
-            "risk": None if risk is None else round(risk, 4),
-            "source": source,
-            "degraded": bool(problem),
-        }
-        if problem:
-            event["reason"] = f"AI assistance degraded: {problem}; scored by NEWS2/qSOFA rules"
-        self.bus.publish(event)
-        self._maybe_alert(bed, now, event, early_warning.reason(), sepsis.criteria)
-        return event
-
-    def _maybe_alert(
-        self, bed: str, now: float, event: dict[str, Any], news_reason: str, sepsis: tuple[str, ...]
-    ) -> None:
-        """Raise an alert when a bed's level rises, or what drives it changes (model, rules, degraded);
-        not again every cycle. The rules always count: a model may add alerts, never silence NEWS2."""
-        rules_level = max(LEVELS[event["news2_risk"]], 2 if event["qsofa_positive"] else 0)
-        rules_reason = news_reason + (f"; qSOFA positive ({', '.join(sepsis)})" if event["qsofa_positive"] else "")
-        model_level = 3 if event["risk"] is not None and event["risk"] >= self.threshold else 0
-        level = max(rules_level, model_level)
-        if model_level and model_level >= rules_level:
-            source, reason = (
-                event["source"],
-                f"model risk {event['risk']:.2f} (threshold {self.threshold}); {rules_reason}",
-            )
-        else:
-            source, reason = "rules", rules_reason
-        key = (level, source, event["degraded"])
-        previous = self.last_level.get(bed)
-        self.last_level[bed] = key
-        if level == 0 or (previous is not None and level <= previous[0] and previous[1:] == key[1:]):
-            return
-        alert = {k: event[k] for k in ("bed", "time", "risk", "news2", "qsofa", "degraded")}
-        text = f"{event['reason']}. {reason}" if event.get("reason") else reason
-        alert.update(type="alert", level=level, source=source, reason=text)
-        self.bus.publish(alert)
+        score = VitalsScore(
+            bed=bed,
+            time=now,
+            news2=early_warning.score,
+            news2_risk=early_warning.risk,
+            news2_complete=early_warning.complete,
+            qsofa=sepsis.score,
+            qsofa_positive=sepsis.positive,
+            risk=None if risk is None else round(risk, 4),
+            source=source,
+            degraded=bool(problem),
+            reason=f"AI assistance degraded: {problem}; scored by NEWS2/qSOFA rules" if problem else "",
+        )
+        self.bus.publish(score)
+        alert = self.policy.decide(score, early_warning.reason(), sepsis.criteria)
+        if alert is not None:
+            self.bus.publish(alert)
+        return score

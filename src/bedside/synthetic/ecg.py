@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-FS = 250
-LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+from bedside.clinical.ecg import FS, LEADS
+
+__all__ = ["FS", "LEADS", "RHYTHMS", "dataset", "episodes", "generate"]
+
 RHYTHMS = ("normal_sinus", "sinus_bradycardia", "sinus_tachycardia", "atrial_fibrillation", "pvc")
 
 # Amplitudes (mV) of P, Q, R, S, T in leads I and II and V1-V6 (typical adult values).
@@ -65,7 +67,8 @@ def _rr_intervals(
         "pvc": (60, 95),
     }[rhythm]
     mean_rr = 60.0 / rng.uniform(*rate)
-    times, pvc = [], []
+    times: list[float] = []
+    pvc: list[bool] = []
     t = rng.uniform(0, mean_rr) if after is None else after + mean_rr
     while t < seconds + 1.0:
         premature = rhythm == "pvc" and len(times) > 0 and not pvc[-1] and rng.random() < 0.25

@@ -1,29 +1,28 @@
-"""OIP v2 REST as a bare ASGI application.
+"""OIP v2 REST as a bare ASGI application over the dataplane.
 
 No framework sits on the hot path: routing is a split of the path, bodies are read once, JSON goes
 through orjson, nothing is logged per request. What a framework would add here (validation models,
 middleware, per-request logging) costs more than the model itself for small clinical models.
+The streams' routes (`/v2/beds`, `/v2/alerts`, `/v2/streams`) and their SSE and WebSocket
+endpoints are here too, as thin adapters: the streams themselves know no protocol.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import re
 import zlib
 from typing import Any
 
 import orjson
 
-from bedside.engine import Engine
+from bedside.dataplane import Dataplane, call_context
 from bedside.errors import BedsideError, InvalidInput, MethodNotAllowed, NotFound, TooLarge
 from bedside.protocol.codec import decode_request, encode_response
+from bedside.server.events import serve_ecg, serve_sse
 from bedside.streams.service import Streams
 
 log = logging.getLogger("bedside.server")
 
-MAX_BODY_BYTES = 64 << 20
-_TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _JSON = [(b"content-type", b"application/json")]
 _OCTET = b"application/octet-stream"
 
@@ -47,45 +46,26 @@ def error_response(exc: BedsideError) -> Response:
 
 
 class App:
-    def __init__(self, engine: Engine, max_body_bytes: int = MAX_BODY_BYTES, streams: Streams | None = None) -> None:
-        self.engine = engine
+    def __init__(self, dataplane: Dataplane, max_body_bytes: int, streams: Streams | None = None) -> None:
+        self.dataplane = dataplane
         self.max_body = max_body_bytes
         self.streams = streams
-        self._startup: asyncio.Future[None] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http" and scope["path"] == "/v2/alerts/stream" and self.streams is not None:
-            await self.streams.sse(receive, send)
-        elif kind == "websocket" and self.streams is not None:
-            await self.streams.websocket(scope, receive, send)
+            await serve_sse(self.streams, receive, send)
+        elif kind == "websocket":
+            await serve_ecg(self.streams, scope, receive, send)
         elif kind == "http":
             response = await self._handle(scope, receive)
             headers = [*response.headers, (b"content-length", str(len(response.body)).encode())]
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
             await send({"type": "http.response.body", "body": response.body})
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-
-    async def _lifespan(self, receive: Any, send: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                # Listen at once (liveness answers) and load models beside it (readiness waits).
-                self._startup = asyncio.get_running_loop().run_in_executor(None, self.engine.start)
-                if self.streams is not None:
-                    try:
-                        await self.streams.start()
-                    except OSError as exc:  # e.g. the MLLP port is taken: say so and do not start half a server
-                        await send({"type": "lifespan.startup.failed", "message": f"streams: {exc}"})
-                        return
+        elif kind == "lifespan":  # started and stopped by server.run, not by uvicorn
+            while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                if self.streams is not None:
-                    await self.streams.close()
-                self.engine.close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+            await send({"type": "lifespan.shutdown.complete"})
 
     async def _handle(self, scope: dict[str, Any], receive: Any) -> Response:
         try:
@@ -102,7 +82,7 @@ class App:
         if not parts or parts[0] != "v2":
             raise NotFound(f"no route {scope['path']}; the API lives under /v2")
         rest = parts[1:]
-        engine = self.engine
+        dataplane = self.dataplane
 
         if rest and rest[0] == "models" and len(rest) >= 2:
             name = rest[1]
@@ -118,85 +98,76 @@ class App:
                 return await self._infer(scope, receive, name, version)
             _require(method, "GET", scope)
             if name == "stats" and version is None and not tail:
-                return json_response(engine.statistics(None, None))
+                return json_response(_statistics(dataplane, None, None))
             if action == "":
-                return json_response(engine.model_metadata(name, version))
+                return json_response(dataplane.model_metadata(name, version).to_dict())
             if action == "ready":
-                ready = engine.model_ready(name, version)
+                ready = dataplane.model_ready(name, version)
                 return json_response({"name": name, "ready": ready}, 200 if ready else 503)
             if action == "config":
-                return json_response(engine.model_config(name, version))
+                return json_response(dataplane.model_config(name, version).to_dict())
             if action == "stats":
-                return json_response(engine.statistics(name, version))
+                return json_response(_statistics(dataplane, name, version))
             raise NotFound(f"no route {scope['path']}")
 
         if not rest:
             _require(method, "GET", scope)
-            return json_response(engine.server_metadata())
+            return json_response(dataplane.server_metadata().to_dict())
         if rest[0] == "health" and len(rest) == 2:
             _require(method, "GET", scope)
             if rest[1] == "live":
-                return json_response({"live": True})
+                return json_response({"live": dataplane.live()})
             if rest[1] == "ready":
-                ready = engine.started
+                ready = dataplane.ready()
                 return json_response({"ready": ready}, 200 if ready else 503)
         if rest[0] in ("beds", "alerts", "streams") and self.streams is not None:
             _require(method, "GET", scope)
             if rest == ["beds"]:
                 return json_response(self.streams.beds_view())
             if rest == ["alerts"]:
-                return json_response(list(self.streams.bus.recent))
+                return json_response(self.streams.recent_alerts())
             if rest == ["streams"]:
                 return json_response(self.streams.status())
         if rest[0] == "repository":
             _require(method, "POST", scope)
             if rest[1:] == ["index"]:
                 await self._read_body(scope, receive)
-                return json_response(engine.index())
+                return json_response([row.to_dict() for row in dataplane.repository_index()])
             if len(rest) == 4 and rest[1] == "models" and rest[3] in ("load", "unload"):
                 await self._read_body(scope, receive)
                 if rest[3] == "load":
-                    await engine.load(rest[2])
+                    await dataplane.load(rest[2])
                 else:
-                    await engine.unload(rest[2])
+                    await dataplane.unload(rest[2])
                 return json_response({})
         raise NotFound(f"no route {method} {scope['path']}")
 
     async def _infer(self, scope: dict[str, Any], receive: Any, name: str, version: str | None) -> Response:
-        queue = self.engine.route(name, version)
+        self.dataplane.check_served(name, version)
         header_length = None
         encoding = tenant = priority = timeout_ms = None
         for key, value in scope["headers"]:
             if key == b"inference-header-content-length":
-                try:
-                    header_length = int(value)
-                except ValueError:
-                    raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
+                if not (value.isascii() and value.isdigit()) or len(value) > 12:
+                    raise InvalidInput("Inference-Header-Content-Length must be a non-negative integer")
+                header_length = int(value)
             elif key == b"content-encoding":
                 encoding = value.decode("latin-1").strip().lower()
             elif key.startswith(b"x-bedside-"):
                 if key == b"x-bedside-tenant":
-                    tenant = value.decode("latin-1").strip()
+                    tenant = value.decode("latin-1")
                 elif key == b"x-bedside-priority":
-                    priority = value.decode("latin-1").strip()
+                    priority = value.decode("latin-1")
                 elif key == b"x-bedside-timeout-ms":
-                    timeout_ms = value
+                    timeout_ms = value.decode("latin-1")
         body = await self._read_body(scope, receive)
         if encoding and encoding != "identity":
             body = self._decompress(body, encoding)
         request = decode_request(body, header_length)
-        if tenant:
-            if not _TENANT.fullmatch(tenant):
-                raise InvalidInput("X-Bedside-Tenant must be 1-64 letters, digits, '.', '_' or '-'")
-            request.tenant = tenant
-        if priority and request.priority is None:  # a priority in the body is the more specific one
-            request.priority = priority
-        if timeout_ms is not None and request.timeout_us is None:
-            try:
-                request.timeout_us = int(float(timeout_ms) * 1000)
-            except ValueError:
-                raise InvalidInput("X-Bedside-Timeout-Ms must be a number of milliseconds") from None
-        response = await self.engine.infer(queue, request, version)
+        context = call_context(
+            request.parameters, tenant=tenant, priority=priority, timeout_ms=timeout_ms, transport="rest"
+        )
+        response = await self.dataplane.infer(name, version, request, context)
         payload, binary_header = encode_response(response, request)
         if binary_header is None:
             return Response(200, payload)
@@ -208,7 +179,7 @@ class App:
 
     async def _read_body(self, scope: dict[str, Any], receive: Any) -> bytes:
         for key, value in scope["headers"]:
-            if key == b"content-length" and value.isdigit() and int(value) > self.max_body:
+            if key == b"content-length" and value.isascii() and value.isdigit() and int(value) > self.max_body:
                 raise TooLarge(f"request body of {int(value)} bytes exceeds the limit of {self.max_body}")
         chunks = []
         size = 0
@@ -241,3 +212,7 @@ class App:
 def _require(method: str, expected: str, scope: dict[str, Any]) -> None:
     if method != expected:
         raise MethodNotAllowed(f"{scope['path']} takes {expected}, not {method}", {"Allow": expected})
+
+
+def _statistics(dataplane: Dataplane, name: str | None, version: str | None) -> dict[str, Any]:
+    return {"model_stats": [row.to_dict() for row in dataplane.statistics(name, version)]}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bedside.synthetic.ecg import FS, LEADS
+from bedside.clinical.ecg import FS, LEADS
 
 _UNITS_TO_MV = {"uV": 1e-3, "mV": 1.0, "V": 1e3}
 _LEAD = re.compile(r"^Lead\s+(aVR|aVL|aVF|III|II|I|V[1-6])\b", re.IGNORECASE)

@@ -1,6 +1,6 @@
 """Feed recorded or generated HL7 and ECG streams into a running bedside, at real time or faster,
 for demonstrations and load tests. Generated streams are SYNTHETIC (bedside.synthetic); recorded
-ones are HL7 files and DICOM 12-lead ECGs (bedside.streams.ecgfile).
+ones are HL7 files and DICOM 12-lead ECGs (bedside.tools.ecgfile).
 
 Each bed gets its own MLLP connection (vital signs as ORU^R01, checked ACK by ACK) and its own
 ECG WebSocket (12-lead float32 chunks at 250 Hz); every ECG result that comes back is kept, so the
@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from bedside.streams.ecgfile import looped, read_dicom_ecg
+from bedside.clinical.ecg import FS
 from bedside.streams.mllp import END, START, frame
-from bedside.synthetic.ecg import FS, RHYTHMS, episodes
+from bedside.synthetic.ecg import RHYTHMS, episodes
+from bedside.synthetic.vitals import course
+from bedside.tools.ecgfile import looped, read_dicom_ecg
 
 VITAL_CODES = {
     "heart_rate": ("8867-4", "/min"),
@@ -82,7 +84,8 @@ def read_hl7_file(path: Path) -> list[str]:
     if START in raw:
         return [part.split(END)[0].decode("utf-8", "replace") for part in raw.split(START)[1:]]
     text = raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
-    messages, current = [], []
+    messages: list[str] = []
+    current: list[str] = []
     for line in text.split("\n"):
         if line.startswith("MSH") and current:
             messages.append("\r".join(current) + "\r")
@@ -158,46 +161,29 @@ def _patient_ecg(index: int, seconds: float, rng: np.random.Generator) -> np.nda
 
 
 def synthetic_vitals(bed: str, seconds: float, every: float, seed: int) -> list[tuple[float, str]]:
-    """HL7 messages for one bed: a SYNTHETIC trajectory, deteriorating for every third bed."""
+    """(offset seconds, HL7 message) every `every` seconds for one bed: a SYNTHETIC course from
+    bedside.synthetic.vitals (the generator the demo model is trained on), deteriorating over the
+    whole replay, at full severity, for every third bed."""
     rng = np.random.default_rng(seed)
-    worsening = seed % 3 == 0
-    base = {
-        "heart_rate": 78.0,
-        "respiratory_rate": 16.0,
-        "systolic_bp": 124.0,
-        "diastolic_bp": 76.0,
-        "spo2": 97.0,
-        "temperature": 36.9,
-    }
-    drift = {
-        "heart_rate": 45.0,
-        "respiratory_rate": 12.0,
-        "systolic_bp": -40.0,
-        "diastolic_bp": -20.0,
-        "spo2": -7.0,
-        "temperature": 2.2,
-    }
+    steps = max(1, int(seconds / every))
+    offsets = np.arange(steps) * every
+    patient = course(rng, offsets, deteriorating=seed % 3 == 0, severity=1.0, onset=0.0)
+    at: dict[float, dict[str, float]] = {}
+    for vital, points in patient.readings.items():  # readings the monitor dropped are left out
+        for offset, value in points:
+            at.setdefault(offset, {})[vital] = min(value, 100.0) if vital == "spo2" else value  # a saturation
     now = time.time()
     out = []
-    steps = max(1, int(seconds / every))
-    for k in range(steps):
-        f = k / steps if worsening else 0.0
-        values = {v: base[v] + drift[v] * f + rng.normal(0, 1.0 if v != "temperature" else 0.05) for v in base}
-        values["spo2"] = min(values["spo2"], 100.0)  # a saturation, not a measurement error
-        consciousness = "V" if worsening and f > 0.8 else "A"
-        out.append(
-            (
-                k * every,
-                oru(
-                    bed,
-                    f"{bed}-{k}",
-                    values,
-                    now - seconds + k * every,
-                    consciousness,
-                    2.0 if worsening and f > 0.5 else 0.0,
-                ),
-            )
+    for k, offset in enumerate(patient.times.tolist()):
+        message = oru(
+            bed,
+            f"{bed}-{k}",
+            at.get(offset, {}),
+            now - seconds + offset,
+            "A" if patient.alert[k] else "V",
+            2.0 if patient.on_oxygen[k] else 0.0,
         )
+        out.append((offset, message))
     return out
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from bedside.errors import ModelLoadError
+from bedside.modelconfig.scheduling import SchedulingPolicy, parse_policy
 from bedside.protocol.datatypes import DATATYPES
-from bedside.scheduler.policy import SchedulingPolicy, parse_policy
 
 CONFIG_FILE = "config.toml"
 PROVIDERS = ("tensorrt", "cuda", "openvino", "cpu")
@@ -64,6 +64,30 @@ class WarmupSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ContractSpec:
+    """How streams use the model (`[contract]`): which input they feed, which output carries the
+    score, the class labels in output order (as a Triton label file) and the positive class of a
+    risk score. Empty: the only input, the first output, no labels, the last column is the risk."""
+
+    input: str | None = None
+    score_output: str | None = None
+    labels: tuple[str, ...] = ()
+    positive_class: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        if self.input:
+            doc["input"] = self.input
+        if self.score_output:
+            doc["score_output"] = self.score_output
+        if self.labels:
+            doc["labels"] = list(self.labels)
+        if self.positive_class:
+            doc["positive_class"] = self.positive_class
+        return doc
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
     inputs: tuple[TensorSpec, ...]
@@ -77,6 +101,7 @@ class ModelConfig:
     execution_providers: tuple[str, ...] = PROVIDERS
     warmup: WarmupSpec | None = field(default_factory=WarmupSpec)
     scheduling: SchedulingPolicy = field(default_factory=SchedulingPolicy)
+    contract: ContractSpec = field(default_factory=ContractSpec)
     inferred: bool = False
 
     def full_shape(self, spec: TensorSpec) -> tuple[int, ...]:
@@ -98,6 +123,8 @@ class ModelConfig:
         if self.warmup is not None:
             doc["warmup"] = self.warmup.to_dict()
         doc.update(self.scheduling.to_dict())
+        if self.contract.to_dict():
+            doc["contract"] = self.contract.to_dict()
         return doc
 
 
@@ -117,6 +144,7 @@ _TOP_KEYS = {
     "dynamic_batching",
     "queue_policy",
     "tenants",
+    "contract",
 }
 
 
@@ -124,13 +152,13 @@ def load_config(path: Path, folder_name: str) -> ModelConfig:
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+        raise ModelLoadError(f"cannot read {folder_name}/{path.name}: {exc.__class__.__name__}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid TOML: {exc}") from None
-    return parse_config(doc, folder_name)
+        raise ModelLoadError(f"{folder_name}/{path.name} is not valid TOML: {exc}") from None
+    return parse_config(doc, folder_name, path.parent)
 
 
-def parse_config(doc: dict[str, Any], folder_name: str) -> ModelConfig:
+def parse_config(doc: dict[str, Any], folder_name: str, folder: Path | None = None) -> ModelConfig:
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise ModelLoadError(f"unknown config keys: {', '.join(sorted(unknown))}")
@@ -147,12 +175,13 @@ def parse_config(doc: dict[str, Any], folder_name: str) -> ModelConfig:
     bad = [p for p in providers if p not in PROVIDERS]
     if bad or not providers:
         raise ModelLoadError(f"execution_providers {list(providers)}: each must be one of {', '.join(PROVIDERS)}")
+    inputs, outputs = _tensors(doc["inputs"], "inputs"), _tensors(doc["outputs"], "outputs")
     config = ModelConfig(
         name=name,
         description=str(doc.get("description", "")),
         max_batch_size=max_batch,
-        inputs=_tensors(doc["inputs"], "inputs"),
-        outputs=_tensors(doc["outputs"], "outputs"),
+        inputs=inputs,
+        outputs=outputs,
         version_policy=_policy(doc.get("version_policy", {})),
         instances=_int(doc, "instances", 1, minimum=1),
         threads=_int(doc, "threads", 0, minimum=0),
@@ -161,6 +190,7 @@ def parse_config(doc: dict[str, Any], folder_name: str) -> ModelConfig:
         scheduling=parse_policy(
             doc.get("scheduling"), doc.get("dynamic_batching"), doc.get("queue_policy"), doc.get("tenants")
         ),
+        contract=_contract(doc.get("contract"), inputs, outputs, folder),
     )
     if config.scheduling.reserved_instances >= config.instances:
         raise ModelLoadError(
@@ -207,6 +237,55 @@ def _tensors(raw: Any, where: str) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
+def _contract(
+    raw: Any, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], folder: Path | None
+) -> ContractSpec:
+    if raw is None:
+        return ContractSpec()
+    if not isinstance(raw, dict) or set(raw) - {"input", "score_output", "labels", "labels_file", "positive_class"}:
+        raise ModelLoadError("contract takes input, score_output, labels (or labels_file) and positive_class")
+    input_name = raw.get("input")
+    if input_name is not None and input_name not in {s.name for s in inputs}:
+        raise ModelLoadError(f"contract.input {input_name!r} is not one of the inputs {[s.name for s in inputs]}")
+    score = raw.get("score_output")
+    by_name = {s.name: s for s in outputs}
+    if score is not None and score not in by_name:
+        raise ModelLoadError(f"contract.score_output {score!r} is not one of the outputs {sorted(by_name)}")
+    labels = _labels(raw, folder)
+    width = (by_name[score] if score else outputs[0]).shape[-1:] or (-1,)
+    if labels and width[0] != -1 and width[0] != len(labels):
+        raise ModelLoadError(
+            f"contract has {len(labels)} labels but output {score or outputs[0].name!r} gives {width[0]} scores per row"
+        )
+    positive = raw.get("positive_class")
+    if positive is not None and positive not in labels:
+        raise ModelLoadError(f"contract.positive_class {positive!r} is not one of the labels {list(labels)}")
+    return ContractSpec(input_name, score, labels, positive)
+
+
+def _labels(raw: dict[str, Any], folder: Path | None) -> tuple[str, ...]:
+    if "labels" in raw and "labels_file" in raw:
+        raise ModelLoadError("contract takes labels or labels_file, not both")
+    if "labels_file" in raw:
+        name = raw["labels_file"]
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+            raise ModelLoadError("contract.labels_file must be a file name in the model folder")
+        if folder is None:
+            raise ModelLoadError("contract.labels_file needs the model folder")
+        try:
+            text = (folder / name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise ModelLoadError(f"contract.labels_file {name!r} cannot be read from the model folder") from None
+        values: Any = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        values = raw.get("labels", [])
+    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+        raise ModelLoadError("contract.labels must list non-empty strings")
+    if len(set(values)) != len(values):
+        raise ModelLoadError("contract.labels repeats a label")
+    return tuple(values)
+
+
 def _policy(raw: Any) -> VersionPolicy:
     if not isinstance(raw, dict) or len(raw) > 1 or set(raw) - {"latest", "specific", "all"}:
         raise ModelLoadError("version_policy takes one of: latest = N, specific = [..], all = true")
@@ -240,67 +319,3 @@ def _warmup(raw: Any) -> WarmupSpec | None:
     if not isinstance(iterations, int) or iterations < 1:
         raise ModelLoadError("warmup.iterations must be a positive integer")
     return WarmupSpec(tuple(sizes), fill, iterations)
-
-
-# --- the graph side -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class GraphTensor:
-    name: str
-    datatype: str
-    shape: tuple[int, ...] | None  # None: rank unknown
-
-
-def infer_config(name: str, inputs: list[GraphTensor], outputs: list[GraphTensor]) -> ModelConfig:
-    """A config for a model folder that has none: batch if every tensor has a dynamic first dim."""
-    tensors = inputs + outputs
-    batched = all(t.shape and t.shape[0] == -1 for t in tensors)
-
-    def spec(t: GraphTensor) -> TensorSpec:
-        shape = t.shape or (-1,)
-        return TensorSpec(t.name, t.datatype, shape[1:] if batched else shape)
-
-    return ModelConfig(
-        name=name,
-        description="config inferred from the ONNX graph",
-        max_batch_size=DEFAULT_MAX_BATCH if batched else 0,
-        inputs=tuple(spec(t) for t in inputs),
-        outputs=tuple(spec(t) for t in outputs),
-        inferred=True,
-    )
-
-
-def check_against_graph(config: ModelConfig, inputs: list[GraphTensor], outputs: list[GraphTensor]) -> None:
-    graph_in = {t.name: t for t in inputs}
-    graph_out = {t.name: t for t in outputs}
-    missing = [n for n in graph_in if n not in {s.name for s in config.inputs}]
-    if missing:
-        raise ModelLoadError(f"graph inputs {missing} are not in the config")
-    for spec in config.inputs:
-        _check_tensor(config, spec, graph_in.get(spec.name), "input", strict=True)
-    for spec in config.outputs:
-        _check_tensor(config, spec, graph_out.get(spec.name), "output", strict=False)
-
-
-def _check_tensor(config: ModelConfig, spec: TensorSpec, graph: GraphTensor | None, kind: str, strict: bool) -> None:
-    if graph is None:
-        raise ModelLoadError(f"config {kind} {spec.name!r} is not in the ONNX graph")
-    if graph.datatype != spec.datatype:
-        raise ModelLoadError(f"{kind} {spec.name!r}: config says {spec.datatype}, the graph has {graph.datatype}")
-    if graph.shape is None:
-        return
-    want = config.full_shape(spec)
-    if len(want) != len(graph.shape):
-        raise ModelLoadError(
-            f"{kind} {spec.name!r}: config shape {list(want)} (batch included) has rank "
-            f"{len(want)}, the graph's {list(graph.shape)} has rank {len(graph.shape)}"
-        )
-    if config.max_batch_size > 0 and graph.shape[0] != -1:
-        raise ModelLoadError(
-            f"{kind} {spec.name!r}: the graph's first dimension is fixed at {graph.shape[0]}, "
-            "so it cannot batch; set max_batch_size = 0 and give the full shape"
-        )
-    for i, (c, g) in enumerate(zip(want, graph.shape, strict=True)):
-        if g != -1 and c != g and (strict or c != -1):
-            raise ModelLoadError(f"{kind} {spec.name!r}: dimension {i} is {c} in the config but {g} in the graph")

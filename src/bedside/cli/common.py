@@ -1,0 +1,69 @@
+"""What the command modules share: the console, the common options and the error handling that
+turns a bad argument or an unreachable server into one line and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+T = TypeVar("T")
+
+console = Console()
+
+RepoOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--repository", "-r", help="Model repository folder. Default: the built-in demo repository, built on first use."
+    ),
+]
+UrlOption = Annotated[str, typer.Option("--url", help="Address of a running bedside server.")]
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Print one red line (markup in `message` is shown as typed, never wrapped) and exit with `code`."""
+    console.print(f"[red]{escape(message)}[/red]", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _repository(repository: Path | None) -> Path:
+    if repository is not None:
+        if not repository.is_dir():
+            fail(f"repository {repository} is not a folder", 2)
+        return repository
+    from bedside.models.demo import ensure_demo
+
+    with console.status("building the demo repository (first run only)..."):
+        return ensure_demo()
+
+
+def split_host_port(text: str, default_host: str = "") -> tuple[str, int] | None:
+    """HOST:PORT (HOST may be left out where there is a default; PORT 1-65535), or None."""
+    host, _, port = text.rpartition(":")
+    host = host or default_host
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _host_port(text: str, option: str, default_host: str) -> tuple[str, int]:
+    """HOST:PORT (HOST may be left out where there is a default), or a clear error and exit 2."""
+    target = split_host_port(text, default_host)
+    if target is None:
+        fail(f"{option} wants HOST:PORT, got {text!r}", 2)
+    return target
+
+
+def _call(fn: Callable[[], T]) -> T:
+    from bedside.tools.client import ServerError
+
+    try:
+        return fn()
+    except ServerError as exc:
+        fail(str(exc), 1)
+    except OSError as exc:
+        fail(f"cannot reach the server: {exc}", 1)

@@ -1,0 +1,1 @@
+"""A model's configuration (`config.toml`): tensors, batching, scheduling policy, stream contract."""

@@ -1,0 +1,108 @@
+"""The streams' push endpoints in their wire forms: Server-Sent Events for scores and alerts, and
+the ECG WebSocket. Framing, handshakes and disconnects live here; what is computed lives in the
+streams, which know no protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import orjson
+
+from bedside.errors import BedsideError
+from bedside.streams.ecg import ChunkError
+from bedside.streams.service import Streams
+
+ECG_PREFIX = "/v2/streams/ecg/"
+POLICY_VIOLATION = 1008
+TOO_BIG = 1009
+
+
+async def serve_ecg(streams: Streams | None, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """/v2/streams/ecg/{bed}: binary float32 [n, 12] chunks in, one JSON result per window out.
+    A bad chunk gets an error message and the connection stays."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    path: str = scope["path"]
+    if streams is None or not path.startswith(ECG_PREFIX):
+        await _close(send, POLICY_VIOLATION, "no WebSocket here; the ECG stream is /v2/streams/ecg/{bed}")
+        return
+    try:
+        session = streams.open_ecg(path[len(ECG_PREFIX) :])
+    except BedsideError as exc:
+        await _close(send, POLICY_VIOLATION, f"use /v2/streams/ecg/{{bed}}: {exc.message}")
+        return
+    limit = streams.settings.limits.max_ws_message_kb << 10
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        data = message.get("bytes")
+        if data is None:
+            await _send_json(send, {"type": "error", "error": "send binary float32 chunks [n, 12]"})
+            continue
+        if len(data) > limit:
+            await _close(send, TOO_BIG, f"a chunk may hold at most {limit} bytes")
+            return
+        try:
+            results = await session.push(data)
+        except ChunkError as exc:
+            await _send_json(send, {"type": "error", "error": str(exc)})
+            continue
+        for result in results:
+            await _send_json(send, result.to_dict())
+
+
+async def serve_sse(streams: Streams, receive: Any, send: Any) -> None:
+    """Server-Sent Events: every score and alert as it happens, until the client goes away."""
+    queue = streams.subscribe()
+    keepalive = streams.settings.alerts.keepalive_s
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b": bedside alert stream\n\n", "more_body": True})
+
+    async def until_disconnect() -> None:
+        while (await receive())["type"] != "http.disconnect":  # the (empty) request body comes first
+            pass
+
+    disconnected = asyncio.ensure_future(until_disconnect())
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, disconnected}, timeout=keepalive, return_when=asyncio.FIRST_COMPLETED)
+            if disconnected in done:
+                getter.cancel()
+                return
+            if getter in done:
+                event = getter.result()
+                body = b"event: " + event.kind.encode() + b"\ndata: " + orjson.dumps(event.to_dict()) + b"\n\n"
+            else:
+                getter.cancel()
+                body = b": keep-alive\n\n"
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+    except OSError:
+        return
+    finally:
+        streams.unsubscribe(queue)
+        disconnected.cancel()
+        with contextlib.suppress(Exception):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _send_json(send: Any, doc: dict[str, Any]) -> None:
+    await send({"type": "websocket.send", "text": orjson.dumps(doc).decode()})
+
+
+async def _close(send: Any, code: int, reason: str) -> None:
+    await send({"type": "websocket.close", "code": code, "reason": reason})

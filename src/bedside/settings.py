@@ -1,0 +1,189 @@
+"""Every default of the server in one place: the HTTP and gRPC listeners, the streams, the vitals
+scorer, the ECG rhythm alerts, the alert outputs and the bounds on what callers can make us hold.
+
+Precedence, lowest first: the defaults below, `BEDSIDE_<SECTION>_<KEY>` environment variables (e.g.
+`BEDSIDE_SERVER_GRPC_PORT=9001`, `BEDSIDE_ECG_ALERT_PROBABILITY=0.9`), then command-line options.
+`bedside settings` shows each value and where it came from. A bad value is refused at start-up
+with the setting's name and the allowed range, never half-applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "BEDSIDE_"
+_KIND = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+
+
+class SettingsError(ValueError):
+    """A setting with a value it cannot take; the message names the setting."""
+
+
+def _opt(default: Any, help: str, low: float | None = None, high: float | None = None, *choices: str) -> Any:
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
+
+
+_HOST_PORT = (None, None, "HOST:PORT")  # a choice that is a format: checked by _host_port
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = _opt("127.0.0.1", "interface the listeners bind; 127.0.0.1 keeps them on this box")
+    http_port: int = _opt(8000, "OIP v2 REST port", 1, 65535)
+    grpc_port: int = _opt(8001, "OIP v2 gRPC port (Triton's default); -1: no gRPC", -1, 65535)
+    max_body_mb: int = _opt(64, "largest REST body or gRPC message, MiB (larger: 413 / RESOURCE_EXHAUSTED)", 1, 2047)
+    log_level: str = _opt("info", "server log level", None, None, "debug", "info", "warning", "error")
+    keepalive_s: float = _opt(30.0, "idle HTTP keep-alive connections are closed after this", 1, 3600)
+
+
+@dataclass(frozen=True)
+class StreamsSettings:
+    enabled: bool = _opt(True, "run the bedside streams (HL7 vitals, ECG, alerts)")
+    mllp_host: str = _opt("", "interface of the HL7 MLLP listener; empty: the server's host")
+    mllp_port: int = _opt(2575, "HL7v2/MLLP listener port for patient monitors; -1: none", -1, 65535)
+    max_beds: int = _opt(2048, "beds held in memory; the least recently heard bed is forgotten beyond it", 1, 100_000)
+    ack_timeout_s: float = _opt(5.0, "longest a monitor waits for its ACK before a NAK asks it to resend", 0.1, 60)
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    model: str = _opt("vitals_deterioration", "model that scores each bed's last hour of vital signs")
+    interval_s: float = _opt(15.0, "seconds between per-bed scorings", 0.1, 3600)
+    timeout_ms: float = _opt(500.0, "longest wait for the model before a bed is scored by the rules alone", 1, 60_000)
+    risk_threshold: float = _opt(0.5, "model risk at or above which an alert is raised", 0, 1)
+    min_completeness: float = _opt(0.5, "share of vital signs present for the model to be asked", 0, 1)
+
+
+@dataclass(frozen=True)
+class ECGSettings:
+    model: str = _opt("ecg_rhythm", "model that classifies each 5 s 12-lead window")
+    alert_probability: float = _opt(0.8, "rhythm probability at or above which a rhythm change alerts", 0, 1)
+    af_min_irregularity: float = _opt(
+        0.08, "R-R coefficient of variation needed to confirm (and alert on) atrial fibrillation", 0, 10
+    )
+    budget_ms: float = _opt(4.0, "window-to-score latency budget reported per result", 0.01, 10_000)
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    hl7_target: str = _opt("", "also send every alert as HL7 ORU^R01 over MLLP to HOST:PORT; empty: no", *_HOST_PORT)
+    hl7_outbox: int = _opt(10_000, "alerts held for the HL7 receiver; the oldest is dropped (counted) beyond", 1, 10**7)
+    subscriber_queue: int = _opt(1024, "events held per SSE subscriber; a slow one loses its oldest", 1, 10**6)
+    history: int = _opt(512, "recent alerts kept for GET /v2/alerts", 1, 10**6)
+    keepalive_s: float = _opt(15.0, "SSE keep-alive comment interval", 1, 3600)
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_tenants: int = _opt(
+        256, "distinct tenants one model version queues and counts; more are refused (429)", 1, 10**5
+    )
+    max_ws_message_kb: int = _opt(1024, "largest ECG WebSocket message, KiB", 1, 65536)
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    streams: StreamsSettings = field(default_factory=StreamsSettings)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
+    ecg: ECGSettings = field(default_factory=ECGSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+
+    def replace(self, values: Mapping[str, Any]) -> Settings:
+        """A copy with `section.key` values set (strings are parsed and every value checked)."""
+        sections: dict[str, dict[str, Any]] = {}
+        for dotted, value in values.items():
+            section, key, spec = _lookup(dotted)
+            sections.setdefault(section, {})[key] = _check(dotted, spec, value)
+        return dataclasses.replace(
+            self, **{s: dataclasses.replace(getattr(self, s), **kv) for s, kv in sections.items()}
+        )
+
+    def rows(self) -> list[tuple[str, Any, str]]:
+        """(section.key, value, help) for every setting, in declaration order."""
+        out = []
+        for section in dataclasses.fields(self):
+            for spec in dataclasses.fields(getattr(self, section.name)):
+                value = getattr(getattr(self, section.name), spec.name)
+                out.append((f"{section.name}.{spec.name}", value, spec.metadata["help"]))
+        return out
+
+
+DEFAULTS = Settings()
+
+
+def env_name(dotted: str) -> str:
+    return ENV_PREFIX + dotted.replace(".", "_").upper()
+
+
+def from_environment(environ: Mapping[str, str], base: Settings = DEFAULTS) -> tuple[Settings, set[str]]:
+    """Settings with `BEDSIDE_*` variables applied, and the names that came from there. A
+    `BEDSIDE_` variable that names no setting is refused, so a typo is not silently ignored."""
+    known = {env_name(name): name for name, _, _ in base.rows()}
+    others = {"BEDSIDE_DEMO_DIR"}  # read by the demo builder, not a server setting
+    stray = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known and k not in others)
+    if stray:
+        raise SettingsError(f"unknown setting {stray[0]}; `bedside settings` lists them")
+    chosen = {known[k]: v for k, v in environ.items() if k in known}
+    for name, value in chosen.items():  # one at a time, so the error names the variable
+        try:
+            base.replace({name: value})
+        except SettingsError as exc:
+            raise SettingsError(f"{env_name(name)}: {exc}") from None
+    return base.replace(chosen), set(chosen)
+
+
+def _lookup(dotted: str) -> tuple[str, str, dataclasses.Field[Any]]:
+    section, _, key = dotted.partition(".")
+    sections = {f.name: f for f in dataclasses.fields(Settings)}
+    if section not in sections:
+        raise SettingsError(f"unknown setting {dotted!r}; sections are {', '.join(sections)}")
+    kinds = {f.name: f for f in dataclasses.fields(getattr(DEFAULTS, section))}
+    if key not in kinds:
+        raise SettingsError(f"unknown setting {dotted!r}; {section} has {', '.join(kinds)}")
+    return section, key, kinds[key]
+
+
+def _check(dotted: str, spec: dataclasses.Field[Any], value: Any) -> Any:
+    kind = type(spec.default)
+    if isinstance(value, str) and kind is not str:
+        value = _parse(dotted, kind, value.strip())
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SettingsError(f"{dotted} must be {_KIND[kind]}, got {value!r}")
+    low, high, choices = spec.metadata["low"], spec.metadata["high"], spec.metadata["choices"]
+    if kind in (int, float) and ((low is not None and value < low) or (high is not None and value > high)):
+        raise SettingsError(f"{dotted} must be between {low:g} and {high:g}, got {value!r}")
+    if choices == ("HOST:PORT",):
+        if value and not _host_port(str(value)):
+            raise SettingsError(f"{dotted} must be HOST:PORT (port 1-65535) or empty, got {value!r}")
+    elif choices and value not in choices:
+        raise SettingsError(f"{dotted} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _host_port(text: str) -> bool:
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isascii() and port.isdigit() and 0 < int(port) < 65536
+
+
+def _parse(dotted: str, kind: type, text: str) -> Any:
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{dotted} must be true or false, got {text!r}")
+    try:
+        value = kind(text)
+    except ValueError:
+        raise SettingsError(f"{dotted} must be {_KIND[kind]}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise SettingsError(f"{dotted} must be a finite number, got {text!r}")
+    return value
