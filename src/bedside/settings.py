@@ -161,16 +161,20 @@ def _check(dotted: str, spec: dataclasses.Field[Any], value: Any) -> Any:
     if kind in (int, float) and ((low is not None and value < low) or (high is not None and value > high)):
         raise SettingsError(f"{dotted} must be between {low:g} and {high:g}, got {value!r}")
     if choices == ("HOST:PORT",):
-        if value and not _host_port(str(value)):
+        if value and split_host_port(str(value)) is None:
             raise SettingsError(f"{dotted} must be HOST:PORT (port 1-65535) or empty, got {value!r}")
     elif choices and value not in choices:
         raise SettingsError(f"{dotted} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
-def _host_port(text: str) -> bool:
+def split_host_port(text: str, default_host: str = "") -> tuple[str, int] | None:
+    """HOST:PORT (HOST may be left out where there is a default; PORT 1-65535), or None."""
     host, _, port = text.rpartition(":")
-    return bool(host) and port.isascii() and port.isdigit() and 0 < int(port) < 65536
+    host = host or default_host
+    if not host or not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
 
 
 def _parse(dotted: str, kind: type, text: str) -> Any:

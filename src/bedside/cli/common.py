@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from bedside.settings import split_host_port
+
 T = TypeVar("T")
 
 console = Console()
@@ -39,15 +41,6 @@ def _repository(repository: Path | None) -> Path:
 
     with console.status("building the demo repository (first run only)..."):
         return ensure_demo()
-
-
-def split_host_port(text: str, default_host: str = "") -> tuple[str, int] | None:
-    """HOST:PORT (HOST may be left out where there is a default; PORT 1-65535), or None."""
-    host, _, port = text.rpartition(":")
-    host = host or default_host
-    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        return None
-    return host, int(port)
 
 
 def _host_port(text: str, option: str, default_host: str) -> tuple[str, int]:

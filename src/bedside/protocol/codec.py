@@ -91,7 +91,7 @@ def _decode_input(item: Any, binary: memoryview, offset: int) -> tuple[str, np.n
             raise InvalidInput(f"input {name!r}: binary_data_size {size} runs past the {len(binary)} binary bytes")
         chunk = binary[offset : offset + size]
         if datatype == "BYTES":
-            array = _decode_bytes_elements(name, chunk, count)
+            array = decode_bytes_elements(name, chunk, count)
         else:
             if size != count * dtype.itemsize:
                 raise InvalidInput(
@@ -131,7 +131,7 @@ def _flatten(data: Any) -> list[str]:
     return out
 
 
-def _decode_bytes_elements(name: str, chunk: memoryview, count: int) -> np.ndarray:
+def decode_bytes_elements(name: str, chunk: bytes | memoryview, count: int) -> np.ndarray:
     values: list[str] = []
     pos, end = 0, len(chunk)
     while pos < end:
@@ -184,7 +184,7 @@ def encode_response(response: InferResponse, request: InferRequest | None = None
         datatype = oip_datatype(array.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary_for.get(name, default_binary):
-            blob = _to_bytes(array, datatype)
+            blob = tensor_bytes(array, datatype)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif datatype == "BYTES":
@@ -207,7 +207,7 @@ def encode_response(response: InferResponse, request: InferRequest | None = None
     return b"".join([header, *blobs]), len(header)
 
 
-def _to_bytes(array: np.ndarray, datatype: str) -> bytes:
+def tensor_bytes(array: np.ndarray, datatype: str) -> bytes:
     if datatype == "BYTES":
         parts = []
         for value in array.reshape(-1).tolist():

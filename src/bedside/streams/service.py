@@ -15,7 +15,7 @@ from bedside.alerts.events import Event
 from bedside.alerts.hl7out import HL7AlertSender
 from bedside.dataplane import Dataplane
 from bedside.errors import InvalidInput
-from bedside.settings import DEFAULTS, Settings
+from bedside.settings import DEFAULTS, Settings, split_host_port
 from bedside.streams.beds import Beds
 from bedside.streams.ecg import ECGSession, ECGStats
 from bedside.streams.ingest import IngestProcess
@@ -28,13 +28,6 @@ def _p99(values: list[float]) -> float | None:
     return round(float(np.percentile(values, 99)), 3) if values else None
 
 
-def parse_host_port(text: str, what: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise ValueError(f"{what} wants HOST:PORT, got {text!r}")
-    return host, int(port)
-
-
 class Streams:
     def __init__(self, dataplane: Dataplane, settings: Settings = DEFAULTS) -> None:
         self.dataplane = dataplane
@@ -44,11 +37,9 @@ class Streams:
         self.scorer = VitalsScorer(dataplane, self.beds, self.bus, settings.scoring)
         self.ecg = ECGStats()
         self.mllp: IngestProcess | None = None
-        target = settings.alerts.hl7_target
+        target = split_host_port(settings.alerts.hl7_target)  # checked when the settings were made
         self.hl7_out = (
-            HL7AlertSender(self.bus, *parse_host_port(target, "alerts.hl7_target"), outbox=settings.alerts.hl7_outbox)
-            if target
-            else None
+            HL7AlertSender(self.bus, *target, outbox=settings.alerts.hl7_outbox) if target is not None else None
         )
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -1,0 +1,257 @@
+"""The OIP v2 gRPC service, `inference.GRPCInferenceService`, over the dataplane (grpc.aio).
+
+It runs on the server's one event loop beside REST. Handlers are registered by hand under the
+service path clients call ("/inference.GRPCInferenceService/<Method>"); see oip.proto for why the
+messages live in their own protobuf package. The RPCs bedside does not serve (streaming inference,
+shared memory, trace and log settings) answer UNIMPLEMENTED, as gRPC does for any unknown method.
+
+Caller context: metadata `x-bedside-tenant`, `x-bedside-priority` and `x-bedside-timeout-ms`, and
+the request parameters `priority` and `timeout` (µs), exactly as the REST headers and parameters.
+
+Errors: a `BedsideError` becomes the status code of its class (its most specific class with a
+code), its message the status details and its headers (e.g. retry-after) trailing metadata. Anything
+else is INTERNAL "internal server error; see the server log" and is logged without its message,
+which could carry request data.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from bedside.dataplane import CallContext, Dataplane, call_context
+from bedside.dataplane.context import PRIORITY_KEY, TENANT_KEY, TIMEOUT_MS_KEY
+from bedside.errors import (
+    BedsideError,
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    MethodNotAllowed,
+    ModelLoadError,
+    NotFound,
+    Overloaded,
+    TooLarge,
+    Unavailable,
+)
+from bedside.server.grpc import codec
+from bedside.server.grpc import oip_pb2 as pb
+
+SERVICE = "inference.GRPCInferenceService"
+INTERNAL_MESSAGE = "internal server error; see the server log"
+log = logging.getLogger("bedside.server.grpc")
+
+# Looked up along the error's class hierarchy, so the most specific class wins (DeadlineExceeded is
+# an Unavailable; Retired, also an Unavailable, is UNAVAILABLE).
+STATUS_CODES: dict[type[BedsideError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    MethodNotAllowed: grpc.StatusCode.UNIMPLEMENTED,
+    TooLarge: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    InferenceFailed: grpc.StatusCode.INTERNAL,
+}
+
+_DEFAULT_CONTEXT = call_context(None, transport="grpc")
+_CONTEXT_KEYS = (TENANT_KEY, PRIORITY_KEY, TIMEOUT_MS_KEY)
+
+
+def status_code(exc: BedsideError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        code = STATUS_CODES.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BedsideError) -> None:
+    trailing = tuple((key.lower(), str(value)) for key, value in exc.headers.items())
+    await context.abort(status_code(exc), exc.message, trailing)
+
+
+async def _fail(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+    # The message and the frames' locals stay out of the log: either could hold tensor values or ids.
+    log.error(
+        "unexpected %s in gRPC %s (message withheld); traceback:\n%s",
+        type(exc).__qualname__,
+        method,
+        "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+    )
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+
+def caller_context(parameters: dict[str, Any], metadata: Any) -> CallContext:
+    """The call's tenant, priority and deadline from its metadata and request parameters."""
+    found: dict[str, str] = {}
+    for key, value in metadata or ():
+        if key in _CONTEXT_KEYS:
+            found[key] = value if isinstance(value, str) else value.decode("latin-1")
+    if not found and "priority" not in parameters and "timeout" not in parameters:
+        return _DEFAULT_CONTEXT
+    return call_context(
+        parameters,
+        tenant=found.get(TENANT_KEY),
+        priority=found.get(PRIORITY_KEY),
+        timeout_ms=found.get(TIMEOUT_MS_KEY),
+        transport="grpc",
+    )
+
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class InferenceServicer:
+    def __init__(self, dataplane: Dataplane) -> None:
+        self.dataplane = dataplane
+
+    # --- the hot path: no logging, no copies beyond the codec's -------------------------------------
+
+    async def model_infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            infer_request, parameters = codec.decode_request(request)
+            caller = caller_context(parameters, context.invocation_metadata())
+            response = await self.dataplane.infer(request.model_name, request.model_version, infer_request, caller)
+            return codec.encode_response(response)
+        except BedsideError as exc:
+            await _abort(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _fail(context, "ModelInfer", exc)
+
+    # --- health and metadata -------------------------------------------------------------------------
+
+    async def server_live(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.dataplane.live())
+
+    async def server_ready(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
+
+    async def model_ready(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        # As Triton: a model or version the server does not know is simply not ready (status OK).
+        try:
+            ready = self.dataplane.model_ready(request.name, request.version)
+        except NotFound:
+            ready = False
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def server_metadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        meta = self.dataplane.server_metadata()
+        return pb.ServerMetadataResponse(name=meta.name, version=meta.version, extensions=meta.extensions)
+
+    async def model_metadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        return codec.model_metadata(self.dataplane.model_metadata(request.name, request.version))
+
+    async def model_config(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        return codec.model_config(self.dataplane.model_config(request.name, request.version))
+
+    async def model_statistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        return codec.statistics(self.dataplane.statistics(request.name or None, request.version or None))
+
+    # --- repository control ----------------------------------------------------------------------------
+
+    async def repository_index(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        return codec.repository_index(self.dataplane.repository_index(), request.ready)
+
+    async def repository_model_load(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        if request.parameters:
+            raise MethodNotAllowed(
+                f"load parameters ({', '.join(sorted(request.parameters))[:200]}) are not supported: bedside "
+                "loads a model as its repository folder has it (no config override, no uploaded files)"
+            )
+        await self.dataplane.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def repository_model_unload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        # tritonclient always sends unload_dependents; bedside has no ensembles, so there are none to unload
+        unsupported = sorted(set(request.parameters) - {"unload_dependents"})
+        if unsupported:
+            raise MethodNotAllowed(f"unload parameters ({', '.join(unsupported)[:200]}) are not supported")
+        await self.dataplane.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # --- registration -----------------------------------------------------------------------------------
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary(behaviour: Handler, request: Any, response: Any) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                behaviour, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+            )
+
+        guarded: list[tuple[str, Handler, Any, Any]] = [
+            ("ServerLive", self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
+            ("ServerReady", self.server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
+            ("ModelReady", self.model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            ("ServerMetadata", self.server_metadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+            ("ModelMetadata", self.model_metadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+            ("ModelConfig", self.model_config, pb.ModelConfigRequest, pb.ModelConfigResponse),
+            ("ModelStatistics", self.model_statistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
+            ("RepositoryIndex", self.repository_index, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
+            (
+                "RepositoryModelLoad",
+                self.repository_model_load,
+                pb.RepositoryModelLoadRequest,
+                pb.RepositoryModelLoadResponse,
+            ),
+            (
+                "RepositoryModelUnload",
+                self.repository_model_unload,
+                pb.RepositoryModelUnloadRequest,
+                pb.RepositoryModelUnloadResponse,
+            ),
+        ]
+        methods = {name: unary(_guard(name, fn), req, resp) for name, fn, req, resp in guarded}
+        methods["ModelInfer"] = unary(self.model_infer, pb.ModelInferRequest, pb.ModelInferResponse)
+        return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+def _guard(method: str, behaviour: Handler) -> Handler:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behaviour(request, context)
+        except BedsideError as exc:
+            await _abort(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _fail(context, method, exc)
+
+    return handle
+
+
+async def start_grpc_server(dataplane: Dataplane, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
+    """Bind, start and return the server on the running event loop; stop it with `await server.stop(grace)`.
+
+    `max_message_bytes` bounds what a client may send (a larger request fails RESOURCE_EXHAUSTED
+    before it is read into memory); replies are not bounded here. Raises OSError when the address
+    cannot be bound."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+            # gRPC sets SO_REUSEPORT by default on Linux: a second server would then share a taken
+            # port silently instead of failing to start.
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    server.add_generic_rpc_handlers((InferenceServicer(dataplane).handler(),))
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # newer grpcio raises where older ones returned 0
+        bound = 0
+    if not bound:
+        await server.stop(None)
+        raise OSError(f"cannot listen on {address}: the port is in use or the address is not local")
+    await server.start()
+    return server
