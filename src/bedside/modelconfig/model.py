@@ -8,7 +8,7 @@ dimension, which is always the first one of the graph.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,12 @@ _TOP_KEYS = {
 }
 
 
+# The parsers take their defaults from the dataclasses, so each default is written once.
+_FIELD: dict[str, Any] = {f.name: f.default for f in fields(ModelConfig)}
+_PLATFORM = _FIELD["platform"]
+_WARMUP = WarmupSpec()
+
+
 def load_config(path: Path, folder_name: str) -> ModelConfig:
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -165,10 +171,10 @@ def parse_config(doc: dict[str, Any], folder_name: str, folder: Path | None = No
     name = doc.get("name", folder_name)
     if name != folder_name:
         raise ModelLoadError(f"config name {name!r} differs from its folder {folder_name!r}")
-    platform = doc.get("platform", "onnxruntime_onnx")
-    if platform != "onnxruntime_onnx":
+    platform = doc.get("platform", _PLATFORM)
+    if platform != _PLATFORM:
         raise ModelLoadError(f"platform {platform!r} is not supported; use 'onnxruntime_onnx'")
-    max_batch = _int(doc, "max_batch_size", 0, minimum=0)
+    max_batch = _int(doc, "max_batch_size", _FIELD["max_batch_size"], minimum=0)
     if "inputs" not in doc or "outputs" not in doc:
         raise ModelLoadError("config needs [[inputs]] and [[outputs]] tables (or no config file)")
     providers = tuple(doc.get("execution_providers", PROVIDERS))
@@ -183,8 +189,8 @@ def parse_config(doc: dict[str, Any], folder_name: str, folder: Path | None = No
         inputs=inputs,
         outputs=outputs,
         version_policy=_policy(doc.get("version_policy", {})),
-        instances=_int(doc, "instances", 1, minimum=1),
-        threads=_int(doc, "threads", 0, minimum=0),
+        instances=_int(doc, "instances", _FIELD["instances"], minimum=1),
+        threads=_int(doc, "threads", _FIELD["threads"], minimum=0),
         execution_providers=providers,
         warmup=_warmup(doc.get("warmup", {})),
         scheduling=parse_policy(
@@ -296,7 +302,7 @@ def _policy(raw: Any) -> VersionPolicy:
         if not isinstance(versions, list) or not versions or not all(isinstance(v, int) and v > 0 for v in versions):
             raise ModelLoadError("version_policy.specific must list positive version numbers")
         return VersionPolicy(latest=None, specific=tuple(versions))
-    latest = raw.get("latest", 1)
+    latest = raw.get("latest", VersionPolicy().latest)
     if not isinstance(latest, int) or latest < 1:
         raise ModelLoadError("version_policy.latest must be a positive integer")
     return VersionPolicy(latest=latest)
@@ -309,13 +315,13 @@ def _warmup(raw: Any) -> WarmupSpec | None:
         raise ModelLoadError("warmup takes batch_sizes, fill, iterations, enabled")
     if raw.get("enabled", True) is False:
         return None
-    sizes = raw.get("batch_sizes", [1])
+    sizes = raw.get("batch_sizes", list(_WARMUP.batch_sizes))
     if not isinstance(sizes, list) or not all(isinstance(b, int) and b > 0 for b in sizes):
         raise ModelLoadError("warmup.batch_sizes must list positive integers")
-    fill = raw.get("fill", "zeros")
+    fill = raw.get("fill", _WARMUP.fill)
     if fill not in ("zeros", "random"):
         raise ModelLoadError("warmup.fill must be 'zeros' or 'random'")
-    iterations = raw.get("iterations", 2)
+    iterations = raw.get("iterations", _WARMUP.iterations)
     if not isinstance(iterations, int) or iterations < 1:
         raise ModelLoadError("warmup.iterations must be a positive integer")
     return WarmupSpec(tuple(sizes), fill, iterations)

@@ -117,13 +117,17 @@ class SchedulingPolicy:
         }
 
 
+# The parsers take their defaults from the dataclasses, so each default is written once.
+_SCHED, _QUEUE, _BATCH, _TENANT = SchedulingPolicy(), QueuePolicy(), BatchingPolicy(), TenantPolicy()
+
+
 def parse_policy(scheduling: Any, batching: Any, queues: Any, tenants: Any) -> SchedulingPolicy:
     sched = _table(
         scheduling,
         "scheduling",
         {"priority_levels", "default_priority", "aging_us", "reserved_instances", "routine_nice"},
     )
-    levels = _int(sched, "priority_levels", 3, 1, "scheduling")
+    levels = _int(sched, "priority_levels", _SCHED.priority_levels, 1, "scheduling")
     default = _int(sched, "default_priority", levels, 1, "scheduling")
     if default > levels:
         raise ModelLoadError(f"scheduling.default_priority {default} is above priority_levels {levels}")
@@ -140,13 +144,13 @@ def parse_policy(scheduling: Any, batching: Any, queues: Any, tenants: Any) -> S
             level = _int(q, "level", 0, 1, "queue_policy")
             if level > levels:
                 raise ModelLoadError(f"queue_policy level {level} is above priority_levels {levels}")
-            action = q.get("timeout_action", "reject")
+            action = q.get("timeout_action", _QUEUE.timeout_action)
             if action not in ("reject", "delay"):
                 raise ModelLoadError("queue_policy.timeout_action must be 'reject' or 'delay'")
             per_level[level - 1] = QueuePolicy(
-                max_queue_size=_int(q, "max_queue_size", 1024, 1, "queue_policy"),
-                default_timeout_us=_int(q, "default_timeout_us", 0, 0, "queue_policy"),
-                allow_timeout_override=bool(q.get("allow_timeout_override", True)),
+                max_queue_size=_int(q, "max_queue_size", _QUEUE.max_queue_size, 1, "queue_policy"),
+                default_timeout_us=_int(q, "default_timeout_us", _QUEUE.default_timeout_us, 0, "queue_policy"),
+                allow_timeout_override=bool(q.get("allow_timeout_override", _QUEUE.allow_timeout_override)),
                 timeout_action=action,
             )
     b = _table(batching, "dynamic_batching", {"enabled", "max_queue_delay_us", "preferred_batch_sizes"})
@@ -158,13 +162,13 @@ def parse_policy(scheduling: Any, batching: Any, queues: Any, tenants: Any) -> S
     return SchedulingPolicy(
         priority_levels=levels,
         default_priority=default,
-        aging_us=_int(sched, "aging_us", 1_000_000, 0, "scheduling"),
-        reserved_instances=_int(sched, "reserved_instances", 0, 0, "scheduling"),
+        aging_us=_int(sched, "aging_us", _SCHED.aging_us, 0, "scheduling"),
+        reserved_instances=_int(sched, "reserved_instances", _SCHED.reserved_instances, 0, "scheduling"),
         routine_nice=_nice(sched),
         levels=tuple(per_level),
         batching=BatchingPolicy(
-            enabled=bool(b.get("enabled", True)),
-            max_queue_delay_us=_int(b, "max_queue_delay_us", 0, 0, "dynamic_batching"),
+            enabled=bool(b.get("enabled", _BATCH.enabled)),
+            max_queue_delay_us=_int(b, "max_queue_delay_us", _BATCH.max_queue_delay_us, 0, "dynamic_batching"),
             preferred_batch_sizes=tuple(sorted(set(preferred))),
         ),
         tenants={k: v for k, v in parsed.items() if k != "*"},
@@ -174,13 +178,13 @@ def parse_policy(scheduling: Any, batching: Any, queues: Any, tenants: Any) -> S
 
 def _tenant(name: str, raw: Any, levels: int) -> TenantPolicy:
     t = _table(raw, f"tenants.{name}", {"max_in_flight", "share", "default_priority"})
-    share = t.get("share", 1.0)
+    share = t.get("share", _TENANT.share)
     if not isinstance(share, (int, float)) or isinstance(share, bool) or share <= 0:
         raise ModelLoadError(f"tenants.{name}.share must be a positive number")
     default = t.get("default_priority")
     if default is not None and (not isinstance(default, int) or not 1 <= default <= levels):
         raise ModelLoadError(f"tenants.{name}.default_priority must be in 1..{levels}")
-    return TenantPolicy(_int(t, "max_in_flight", 256, 1, f"tenants.{name}"), float(share), default)
+    return TenantPolicy(_int(t, "max_in_flight", _TENANT.max_in_flight, 1, f"tenants.{name}"), float(share), default)
 
 
 def _table(raw: Any, where: str, keys: set[str] | None) -> dict[str, Any]:
@@ -203,7 +207,7 @@ def _int(doc: dict[str, Any], key: str, default: int, minimum: int, where: str) 
 
 
 def _nice(sched: dict[str, Any]) -> int:
-    value = _int(sched, "routine_nice", 0, 0, "scheduling")
+    value = _int(sched, "routine_nice", _SCHED.routine_nice, 0, "scheduling")
     if value > 19:
         raise ModelLoadError("scheduling.routine_nice must be 0..19 (a higher value yields more to STAT work)")
     return value
