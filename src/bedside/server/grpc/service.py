@@ -114,6 +114,7 @@ class InferenceServicer:
 
     async def model_infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
+            self.dataplane.check_served(request.model_name, request.model_version)  # as REST: 404 before the body
             infer_request, parameters = codec.decode_request(request)
             caller = caller_context(parameters, context.invocation_metadata())
             response = await self.dataplane.infer(request.model_name, request.model_version, infer_request, caller)
