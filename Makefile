@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Server options, e.g. make run SERVE_ARGS="--port 9000"; defaults live in src/bedside/settings.py.
+# Server options, e.g. make run PORT=9000 or SERVE_ARGS="--grpc-port -1"; every default lives in
+# src/bedside/settings.py (bedside settings lists them).
 SERVE_ARGS ?=
+SERVE_ARGS += $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 .PHONY: run test lint bench demo proto settings clean
 

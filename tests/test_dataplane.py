@@ -4,6 +4,8 @@ typed results, typed errors, and model contracts read from config.toml."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import shutil
 import tomllib
 
 import numpy as np
@@ -11,9 +13,10 @@ import pytest
 
 from bedside.dataplane import CallContext, Dataplane, call_context
 from bedside.dataplane.dataplane import parse_version
-from bedside.errors import DeadlineExceeded, InvalidInput, ModelLoadError, NotFound, Unavailable
+from bedside.errors import DeadlineExceeded, InvalidInput, ModelLoadError, NotFound, Overloaded, Unavailable
 from bedside.modelconfig.model import parse_config
 from bedside.protocol.types import InferRequest
+from bedside.settings import DEFAULTS
 from tests.models import SCALE_CONFIG, scale_model, write_config
 
 
@@ -135,3 +138,38 @@ def test_labels_file_as_in_triton(tmp_path):
     )
     assert config.contract.labels == ("low", "mid", "high", "top") and config.contract.positive_class == "top"
     assert config.to_dict()["contract"]["labels"] == ["low", "mid", "high", "top"]
+
+
+def test_non_string_contract_values_are_load_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"contract\.score_output must be a name in quotes"):
+        parse_config(tomllib.loads(CONTRACT + 'score_output = ["y"]'), "scale", tmp_path)
+
+
+def test_without_a_contract_the_score_is_the_probabilities_output(demo_repo, tmp_path):
+    shutil.copytree(demo_repo / "breast_mass_malignancy", tmp_path / "bm")
+    config = tmp_path / "bm" / "config.toml"
+    config.write_text(config.read_text().split("[contract]")[0].replace("breast_mass_malignancy", "bm"))
+    dataplane = Dataplane(tmp_path)
+    dataplane.start()
+    try:
+        contract = dataplane.contract("bm")
+        first = dataplane.model_metadata("bm", None).outputs[0].name
+    finally:
+        dataplane.close()
+    assert first == "label"  # the converters put it first
+    assert contract.score_output == "probabilities" and contract.labels == () and contract.positive_index() == -1
+
+
+def test_the_tenant_bound_comes_from_settings(tmp_path):
+    write_config(tmp_path / "scale", SCALE_CONFIG)
+    scale_model(tmp_path / "scale" / "1" / "model.onnx")
+    dataplane = Dataplane(tmp_path, dataclasses.replace(DEFAULTS.limits, max_tenants=2))
+    dataplane.start()
+    x = InferRequest({"x": np.ones((1, 4), np.float32)})
+    try:
+        for tenant in ("a", "b", "a"):
+            asyncio.run(dataplane.infer("scale", None, x, CallContext(tenant=tenant)))
+        with pytest.raises(Overloaded, match="already serves 2 distinct tenants"):
+            asyncio.run(dataplane.infer("scale", None, x, CallContext(tenant="c")))
+    finally:
+        dataplane.close()

@@ -114,3 +114,16 @@ def test_rhythm_policy_alerts_on_confirmed_changes_only():
     assert policy.decide("pvc", 0.5, True, "m v1", 4.0) is None  # below the probability
     assert policy.decide("pvc", 0.9, True, "m v1", 5.0) is None  # still pvc: no new alert
     assert policy.decide(None, 0.0, False, "rules", 6.0) is None
+
+
+def test_a_rhythm_alert_carries_no_vitals_fields():
+    alert = RhythmAlert("B2", 0.8).decide("pvc", 0.9, True, "ecg_rhythm v1", 1.0)
+    assert alert is not None and set(alert.to_dict()) == {
+        "type",
+        "bed",
+        "time",
+        "level",
+        "source",
+        "reason",
+        "degraded",
+    }

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from bedside.cli import app
 from bedside.cli.serving import build_settings, describe
-from bedside.settings import DEFAULTS, SettingsError
+from bedside.settings import DEFAULTS, SettingsError, from_environment
 
 runner = CliRunner()
 
@@ -157,3 +157,10 @@ def test_the_served_line_names_only_what_runs():
     assert describe(off, Path("repo")) == (
         "bedside serving repo on http://[::1]:8000/v2, gRPC on [::1]:8001, streams off"
     )
+
+
+def test_an_empty_host_is_refused_and_the_runtime_variables_are_known():
+    with pytest.raises(SettingsError, match=r"server\.host must not be empty"):
+        from_environment({"BEDSIDE_SERVER_HOST": " "})
+    settings, named = from_environment({"BEDSIDE_TRT_CACHE": "/var/cache/trt", "BEDSIDE_DEMO_DIR": "/srv/demo"})
+    assert settings == DEFAULTS and named == set()

@@ -27,12 +27,13 @@ def _opt(default: Any, help: str, low: float | None = None, high: float | None =
     return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
 
 
-_HOST_PORT = (None, None, "HOST:PORT")  # a choice that is a format: checked by _host_port
+_HOST_PORT = (None, None, "HOST:PORT")  # a choice that is a format: checked by split_host_port
+_NON_EMPTY = (None, None, "NON-EMPTY")
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = _opt("127.0.0.1", "interface the listeners bind; 127.0.0.1 keeps them on this box")
+    host: str = _opt("127.0.0.1", "interface the listeners bind; 127.0.0.1 keeps them on this box", *_NON_EMPTY)
     http_port: int = _opt(8000, "OIP v2 REST port", 1, 65535)
     grpc_port: int = _opt(8001, "OIP v2 gRPC port (Triton's default); -1: no gRPC", -1, 65535)
     max_body_mb: int = _opt(64, "largest REST body or gRPC message, MiB (larger: 413 / RESOURCE_EXHAUSTED)", 1, 2047)
@@ -79,8 +80,9 @@ class AlertSettings:
 
 @dataclass(frozen=True)
 class LimitSettings:
-    max_tenants: int = _opt(
-        256, "distinct tenants one model version queues and counts; more are refused (429)", 1, 10**5
+    max_tenants: int = _opt(1024, "distinct tenants one model version admits; more are refused (429)", 1, 10**5)
+    max_tenant_stats: int = _opt(
+        256, "tenants with statistics of their own per model version; the rest are counted together", 2, 10**4
     )
     max_ws_message_kb: int = _opt(1024, "largest ECG WebSocket message, KiB", 1, 65536)
 
@@ -125,7 +127,7 @@ def from_environment(environ: Mapping[str, str], base: Settings = DEFAULTS) -> t
     """Settings with `BEDSIDE_*` variables applied, and the names that came from there. A
     `BEDSIDE_` variable that names no setting is refused, so a typo is not silently ignored."""
     known = {env_name(name): name for name, _, _ in base.rows()}
-    others = {"BEDSIDE_DEMO_DIR"}  # read by the demo builder, not a server setting
+    others = {"BEDSIDE_DEMO_DIR", "BEDSIDE_TRT_CACHE"}  # paths read by the demo builder and the TensorRT cache
     stray = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known and k not in others)
     if stray:
         raise SettingsError(f"unknown setting {stray[0]}; `bedside settings` lists them")
@@ -163,6 +165,9 @@ def _check(dotted: str, spec: dataclasses.Field[Any], value: Any) -> Any:
     if choices == ("HOST:PORT",):
         if value and split_host_port(str(value)) is None:
             raise SettingsError(f"{dotted} must be HOST:PORT (port 1-65535) or empty, got {value!r}")
+    elif choices == ("NON-EMPTY",):
+        if not str(value).strip():
+            raise SettingsError(f"{dotted} must not be empty")
     elif choices and value not in choices:
         raise SettingsError(f"{dotted} must be one of {', '.join(choices)}, got {value!r}")
     return value

@@ -50,6 +50,9 @@ class Alert:
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["type"] = doc.pop("kind")
+        if self.news2 is None:  # not a vitals alert (a rhythm alert): no vitals fields, as before
+            for key in ("risk", "news2", "qsofa"):
+                del doc[key]
         return doc
 
 

@@ -63,13 +63,24 @@ def export(
             fail("--sample is required with --model-file", 2)
         model, x = _load_model(model_file), np.load(sample)  # type: ignore[arg-type]
     try:
-        path, result = export_to_repository(repository, name, model, x, opset=opset, tolerance=tolerance)
+        path, result = export_to_repository(
+            repository, name, model, x, contract=_reference_contract(reference), opset=opset, tolerance=tolerance
+        )
     except BedsideError as exc:
         fail(f"export failed: {exc.message}", 1)
     console.print(
         f"exported {result.framework} model to [bold]{escape(str(path))}[/bold]; "
         f"max |diff| per output: {result.max_abs_diff}"
     )
+
+
+def _reference_contract(reference: str | None) -> dict[str, Any] | None:
+    """The reference rhythm network's classes, in output order, so the ECG stream can name them."""
+    if reference != "ecg_cnn":
+        return None
+    from bedside.synthetic.ecg import RHYTHMS
+
+    return {"labels": list(RHYTHMS)}
 
 
 def _reference_sample(name: str) -> np.ndarray:

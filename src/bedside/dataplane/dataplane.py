@@ -30,6 +30,7 @@ from bedside.protocol.types import InferRequest, InferResponse
 from bedside.repository.manager import ModelEntry, RepositoryManager, State
 from bedside.repository.store import ModelStore
 from bedside.scheduler.scheduler import Scheduler
+from bedside.settings import DEFAULTS, LimitSettings
 
 EXTENSIONS = ("binary_tensor_data", "model_repository", "statistics", "model_configuration")
 INTERNAL = CallContext()
@@ -45,9 +46,11 @@ def parse_version(version: str | None) -> int | None:
 
 
 class Dataplane:
-    def __init__(self, repository: Path) -> None:
-        self._scheduler = Scheduler()
-        self._manager = RepositoryManager(ModelStore(repository), self._scheduler.attach, self._scheduler.detach)
+    def __init__(self, repository: Path, limits: LimitSettings = DEFAULTS.limits) -> None:
+        self._scheduler = Scheduler(limits.max_tenants)
+        self._manager = RepositoryManager(
+            ModelStore(repository), self._scheduler.attach, self._scheduler.detach, limits.max_tenant_stats
+        )
         self._started = False
 
     # --- life cycle --------------------------------------------------------------------------
@@ -148,7 +151,7 @@ class Dataplane:
             version=str(version),
             max_batch_size=config.max_batch_size,
             input=_tensor(config, inputs[spec.input] if spec.input else config.inputs[0]),
-            score_output=spec.score_output or config.outputs[0].name,
+            score_output=spec.score_output or _default_score_output(config),
             labels=spec.labels,
             positive_class=spec.positive_class,
         )
@@ -200,6 +203,16 @@ class Dataplane:
                     )
                 )
         return rows
+
+
+def _default_score_output(config: ModelConfig) -> str:
+    """Without a contract: an output named `probabilities` (what scikit-learn, LightGBM and XGBoost
+    converters write beside `label`), else the first floating-point output, else the first one."""
+    names = [s.name for s in config.outputs]
+    if "probabilities" in names:
+        return "probabilities"
+    floats = [s.name for s in config.outputs if s.datatype in ("FP16", "FP32", "FP64")]
+    return floats[0] if floats else names[0]
 
 
 def _tensor(config: ModelConfig, spec: TensorSpec) -> TensorMetadata:

@@ -250,6 +250,9 @@ def _contract(
         return ContractSpec()
     if not isinstance(raw, dict) or set(raw) - {"input", "score_output", "labels", "labels_file", "positive_class"}:
         raise ModelLoadError("contract takes input, score_output, labels (or labels_file) and positive_class")
+    for key in ("input", "score_output", "positive_class"):
+        if key in raw and not isinstance(raw[key], str):
+            raise ModelLoadError(f"contract.{key} must be a name in quotes, got {type(raw[key]).__name__}")
     input_name = raw.get("input")
     if input_name is not None and input_name not in {s.name for s in inputs}:
         raise ModelLoadError(f"contract.input {input_name!r} is not one of the inputs {[s.name for s in inputs]}")

@@ -17,7 +17,7 @@ import numpy as np
 from bedside.settings import DEFAULTS
 
 WINDOW = 4096
-MAX_TENANTS = DEFAULTS.limits.max_tenants  # the queue refuses more; the last slot counts any stragglers
+MAX_TENANTS = DEFAULTS.limits.max_tenant_stats  # the last slot counts the rest together
 OTHER_TENANTS = "(other tenants)"
 
 
@@ -84,13 +84,15 @@ class ModelStats:
         "failures",
         "inferences",
         "last_inference_ms",
+        "max_tenants",
         "queue",
         "rejected",
         "request",
         "tenants",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, max_tenants: int = MAX_TENANTS) -> None:
+        self.max_tenants = max_tenants
         self.request = LatencyWindow()  # admission to result, as seen inside the server
         self.queue = LatencyWindow()
         self.compute = LatencyWindow()
@@ -105,7 +107,7 @@ class ModelStats:
     def _tenant(self, name: str) -> TenantStats:
         found = self.tenants.get(name)
         if found is None:
-            if len(self.tenants) >= MAX_TENANTS - 1:  # the last slot holds the rest
+            if len(self.tenants) >= self.max_tenants - 1:  # the last slot holds the rest
                 name = OTHER_TENANTS  # tenant names come from callers: keep the table bounded
                 found = self.tenants.get(name)
             if found is None:

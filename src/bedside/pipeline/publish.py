@@ -18,7 +18,7 @@ import tomli_w
 
 from bedside.errors import ModelLoadError
 from bedside.modelconfig.graph import check_against_graph, infer_config
-from bedside.modelconfig.model import CONFIG_FILE, load_config
+from bedside.modelconfig.model import CONFIG_FILE, load_config, parse_config
 from bedside.repository.store import MODEL_FILE
 from bedside.runtime.session import graph_io
 
@@ -31,6 +31,7 @@ def publish(
     card: str | None = None,
     report: dict[str, Any] | None = None,
     max_batch_size: int | None = None,
+    contract: dict[str, Any] | None = None,
 ) -> Path:
     folder = Path(repository) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,6 +46,9 @@ def publish(
         doc["description"] = description or f"{name}, exported by bedside"
         if max_batch_size is not None and config.max_batch_size:
             doc["max_batch_size"] = max_batch_size
+        if contract:
+            doc["contract"] = contract
+            parse_config(doc, name, folder)  # a contract that does not fit the graph is refused here
         config_path.write_text(tomli_w.dumps(doc), encoding="utf-8")
     versions = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
     version = max(versions, default=0) + 1

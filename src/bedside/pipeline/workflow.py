@@ -21,11 +21,19 @@ from bedside.repository.store import ModelStore
 
 
 def export_to_repository(
-    repository: Path, name: str, model: Any, sample: Any, description: str = "", **kwargs: Any
+    repository: Path,
+    name: str,
+    model: Any,
+    sample: Any,
+    description: str = "",
+    contract: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> tuple[Path, ExportResult]:
+    """Export, check and publish; `contract` ([contract] of config.toml) is written with a new config."""
     result = export_model(model, sample, **kwargs)
     report = {"framework": result.framework, "max_abs_diff": result.max_abs_diff}
-    return publish(repository, name, result.to_bytes(), description=description, report=report), result
+    path = publish(repository, name, result.to_bytes(), description=description, report=report, contract=contract)
+    return path, result
 
 
 def optimize_version(

@@ -16,7 +16,7 @@ from enum import StrEnum
 from bedside.errors import BedsideError, ModelLoadError, NotFound
 from bedside.modelconfig.graph import check_against_graph, infer_config
 from bedside.modelconfig.model import ModelConfig
-from bedside.monitoring.latency import ModelStats
+from bedside.monitoring.latency import MAX_TENANTS, ModelStats
 from bedside.repository.store import ModelStore
 from bedside.runtime.session import OnnxModel, graph_io, open_session
 
@@ -56,8 +56,9 @@ Detach = Callable[[str, int], None]
 
 
 class RepositoryManager:
-    def __init__(self, store: ModelStore, attach: Attach, detach: Detach) -> None:
+    def __init__(self, store: ModelStore, attach: Attach, detach: Detach, max_tenant_stats: int = MAX_TENANTS) -> None:
         self.store = store
+        self.max_tenant_stats = max_tenant_stats
         self._attach = attach
         self._detach = detach
         self._entries: dict[str, ModelEntry] = {}
@@ -69,13 +70,18 @@ class RepositoryManager:
                 self.load(name)
             except BedsideError as exc:
                 log.warning("model %s is unavailable: %s", name, exc.message)
+            except Exception as exc:  # one model's surprise must not keep the others from loading
+                log.error("model %s could not be loaded: %s", name, type(exc).__name__)
+                self._entries[name] = ModelEntry(
+                    name, state=State.UNAVAILABLE, reason=f"load failed: {type(exc).__name__}"
+                )
 
     def entry(self, name: str) -> ModelEntry:
         found = self._entries.get(name)
         if found is None:
             if name in self.store.names():
                 return ModelEntry(name)
-            raise NotFound(f"unknown model {name!r}")
+            raise NotFound(f"unknown model {name[:64]!r}")
         return found
 
     def entries(self) -> list[ModelEntry]:
@@ -158,4 +164,4 @@ class RepositoryManager:
         except Exception as exc:  # warm-up on a broken graph raises ORT's own errors
             return VersionStatus(version, State.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
         log.info("loaded %s v%d on %s", entry.name, version, model.provider)
-        return VersionStatus(version, State.READY, model=model)
+        return VersionStatus(version, State.READY, model=model, stats=ModelStats(self.max_tenant_stats))

@@ -8,16 +8,18 @@ import threading
 from bedside.monitoring.latency import ModelStats
 from bedside.runtime.session import OnnxModel
 from bedside.scheduler.worker import ModelQueue
+from bedside.settings import DEFAULTS
 
 
 class Scheduler:
-    def __init__(self) -> None:
+    def __init__(self, max_tenants: int = DEFAULTS.limits.max_tenants) -> None:
+        self.max_tenants = max_tenants
         self._queues: dict[tuple[str, int], ModelQueue] = {}
         self._latest: dict[str, ModelQueue] = {}
         self._lock = threading.Lock()
 
     def attach(self, model: OnnxModel, stats: ModelStats) -> None:
-        new = ModelQueue(model, stats)
+        new = ModelQueue(model, stats, max_tenants=self.max_tenants)
         with self._lock:
             old = self._queues.get((model.name, model.version))
             self._queues[(model.name, model.version)] = new

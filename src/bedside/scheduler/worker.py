@@ -25,19 +25,26 @@ from bedside.runtime.session import OnnxModel
 from bedside.runtime.signature import Signature
 from bedside.scheduler.batching import batch_key, merge, split
 from bedside.scheduler.queue import Job, RequestQueue, retry_after
+from bedside.settings import DEFAULTS
 
 Clock = Callable[[], int]
 log = logging.getLogger("bedside.scheduler")
 
 
 class ModelQueue:
-    def __init__(self, model: OnnxModel, stats: ModelStats, clock: Clock = perf_counter_ns) -> None:
+    def __init__(
+        self,
+        model: OnnxModel,
+        stats: ModelStats,
+        clock: Clock = perf_counter_ns,
+        max_tenants: int = DEFAULTS.limits.max_tenants,
+    ) -> None:
         self.model = model
         self.version_text = str(model.version)
         self.stats = stats
         self.signature = Signature(model.config)
         self.policy = model.config.scheduling
-        self.queue = RequestQueue(self.policy, model.config.max_batch_size, model.config.instances)
+        self.queue = RequestQueue(self.policy, model.config.max_batch_size, model.config.instances, max_tenants)
         self._clock = clock
         self._cond = threading.Condition()
         self._closing = False

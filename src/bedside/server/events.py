@@ -24,7 +24,7 @@ async def serve_ecg(streams: Streams | None, scope: dict[str, Any], receive: Any
     A bad chunk gets an error message and the connection stays."""
     if (await receive())["type"] != "websocket.connect":
         return
-    path: str = scope["path"]
+    path: str = scope["path"].rstrip("/")
     if streams is None or not path.startswith(ECG_PREFIX):
         await _close(send, POLICY_VIOLATION, "no WebSocket here; the ECG stream is /v2/streams/ecg/{bed}")
         return

@@ -4,8 +4,12 @@ model (no process hop). Only the HL7 ingest runs in a child process (see streams
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -32,7 +36,6 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise StartupError(f"HTTP: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.set_inheritable(True)
     return sock
 
 
@@ -49,12 +52,30 @@ def serve(repository: Path, settings: Settings) -> None:
     runner(_serve(repository, settings))
 
 
+class _HTTPServer(uvicorn.Server):
+    """uvicorn, except that SIGINT/SIGTERM only ask it to stop: uvicorn would re-raise the signal
+    when `serve` returns and end the process before gRPC, the streams and the model workers are
+    shut down in order (systemd and docker stop send SIGTERM)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
 async def _serve(repository: Path, settings: Settings) -> None:
     server = settings.server
-    dataplane = Dataplane(repository)
+    dataplane = Dataplane(repository, settings.limits)
     streams = Streams(dataplane, settings) if settings.streams.enabled else None
     app = App(dataplane, server.max_body_mb << 20, streams)
-    http = uvicorn.Server(
+    http = _HTTPServer(
         uvicorn.Config(
             app,
             host=server.host,
@@ -68,9 +89,11 @@ async def _serve(repository: Path, settings: Settings) -> None:
             ws_per_message_deflate=False,  # float32 ECG samples barely compress; deflate cost CPU on every chunk
         )
     )
+    # Every listener first, so a taken port ends the start at once; then the models load beside
+    # the listening server (liveness answers at once, readiness when the models are in).
+    sock = _bind(server.host, server.http_port)
     grpc_server = None
-    # Listen at once (liveness answers) and load models beside it (readiness waits for them).
-    loading = asyncio.get_running_loop().run_in_executor(None, dataplane.start)
+    loading: asyncio.Future[None] | None = None
     try:
         if streams is not None:
             try:
@@ -86,11 +109,22 @@ async def _serve(repository: Path, settings: Settings) -> None:
                 )
             except OSError as exc:
                 raise StartupError(f"gRPC: {exc}") from None
-        await http.serve(sockets=[_bind(server.host, server.http_port)])
+        loading = asyncio.get_running_loop().run_in_executor(None, dataplane.start)
+        loading.add_done_callback(_report_loading)
+        await http.serve(sockets=[sock])
     finally:
+        sock.close()
         if grpc_server is not None:
             await grpc_server.stop(1.0)
         if streams is not None:
             await streams.close()
-        await loading
+        if loading is not None:
+            with contextlib.suppress(Exception):  # already reported by _report_loading
+                await loading
         dataplane.close()
+
+
+def _report_loading(loading: asyncio.Future[None]) -> None:
+    if not loading.cancelled() and loading.exception() is not None:
+        error = loading.exception()
+        log.error("loading the repository failed (%s); the server stays not ready", type(error).__name__)
