@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,17 +23,32 @@ class SettingsError(ValueError):
     """A setting with a value it cannot take; the message names the setting."""
 
 
-def _opt(default: Any, help: str, low: float | None = None, high: float | None = None, *choices: str) -> Any:
-    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
+Check = Callable[[Any], str | None]  # a text's format: what the value must be ("must ..."), or None when it is
 
 
-_HOST_PORT = (None, None, "HOST:PORT")  # a choice that is a format: checked by split_host_port
-_NON_EMPTY = (None, None, "NON-EMPTY")
+def _opt(
+    default: Any,
+    help: str,
+    low: float | None = None,
+    high: float | None = None,
+    *choices: str,
+    check: Check | None = None,
+) -> Any:
+    meta = {"help": help, "low": low, "high": high, "choices": choices, "check": check}
+    return field(default=default, metadata=meta)
+
+
+def _host_port_or_empty(value: str) -> str | None:
+    return "must be HOST:PORT (port 1-65535) or empty" if value and split_host_port(value) is None else None
+
+
+def _not_empty(value: str) -> str | None:
+    return "must not be empty" if not value.strip() else None
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = _opt("127.0.0.1", "interface the listeners bind; 127.0.0.1 keeps them on this box", *_NON_EMPTY)
+    host: str = _opt("127.0.0.1", "interface the listeners bind; 127.0.0.1 keeps them on this box", check=_not_empty)
     http_port: int = _opt(8000, "OIP v2 REST port", 1, 65535)
     grpc_port: int = _opt(8001, "OIP v2 gRPC port (Triton's default); -1: no gRPC", -1, 65535)
     max_body_mb: int = _opt(64, "largest REST body or gRPC message, MiB (larger: 413 / RESOURCE_EXHAUSTED)", 1, 2047)
@@ -71,7 +86,9 @@ class ECGSettings:
 
 @dataclass(frozen=True)
 class AlertSettings:
-    hl7_target: str = _opt("", "also send every alert as HL7 ORU^R01 over MLLP to HOST:PORT; empty: no", *_HOST_PORT)
+    hl7_target: str = _opt(
+        "", "also send every alert as HL7 ORU^R01 over MLLP to HOST:PORT; empty: no", check=_host_port_or_empty
+    )
     hl7_outbox: int = _opt(10_000, "alerts held for the HL7 receiver; the oldest is dropped (counted) beyond", 1, 10**7)
     subscriber_queue: int = _opt(1024, "events held per SSE subscriber; a slow one loses its oldest", 1, 10**6)
     history: int = _opt(512, "recent alerts kept for GET /v2/alerts", 1, 10**6)
@@ -162,13 +179,10 @@ def _check(dotted: str, spec: dataclasses.Field[Any], value: Any) -> Any:
     low, high, choices = spec.metadata["low"], spec.metadata["high"], spec.metadata["choices"]
     if kind in (int, float) and ((low is not None and value < low) or (high is not None and value > high)):
         raise SettingsError(f"{dotted} must be between {low:g} and {high:g}, got {value!r}")
-    if choices == ("HOST:PORT",):
-        if value and split_host_port(str(value)) is None:
-            raise SettingsError(f"{dotted} must be HOST:PORT (port 1-65535) or empty, got {value!r}")
-    elif choices == ("NON-EMPTY",):
-        if not str(value).strip():
-            raise SettingsError(f"{dotted} must not be empty")
-    elif choices and value not in choices:
+    wanted = spec.metadata["check"] and spec.metadata["check"](value)
+    if wanted:
+        raise SettingsError(f"{dotted} {wanted}, got {value!r}")
+    if choices and value not in choices:
         raise SettingsError(f"{dotted} must be one of {', '.join(choices)}, got {value!r}")
     return value
 

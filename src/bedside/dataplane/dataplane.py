@@ -30,6 +30,7 @@ from bedside.protocol.types import InferRequest, InferResponse
 from bedside.repository.manager import ModelEntry, RepositoryManager, State
 from bedside.repository.store import ModelStore
 from bedside.scheduler.scheduler import Scheduler
+from bedside.scheduler.worker import ModelQueue
 from bedside.settings import DEFAULTS, LimitSettings
 
 EXTENSIONS = ("binary_tensor_data", "model_repository", "statistics", "model_configuration")
@@ -75,16 +76,12 @@ class Dataplane:
         self, model: str, version: str | None, request: InferRequest, context: CallContext = INTERNAL
     ) -> InferResponse:
         number = parse_version(version)
-        queue = self._scheduler.find(model, number)
-        if queue is None:
-            self._explain_missing(model, number)
+        queue = self._serving(model, number)
         try:
             future = queue.submit(request, context)
         except Retired:
             # reloaded while this request's body was read: the new queue (or a clear error) takes it
-            queue = self._scheduler.find(model, number)
-            if queue is None:
-                self._explain_missing(model, number)
+            queue = self._serving(model, number)
             future = queue.submit(request, context)
         outputs = await future
         return InferResponse(model, queue.version_text, outputs, request.id)
@@ -92,9 +89,14 @@ class Dataplane:
     def check_served(self, model: str, version: str | None) -> None:
         """Raise what `infer` would for a model version that is not served, before a transport
         spends time reading and decoding the body (a wrong URL answers 404 whatever it carries)."""
-        number = parse_version(version)
-        if self._scheduler.find(model, number) is None:
-            self._explain_missing(model, number)
+        self._serving(model, parse_version(version))
+
+    def _serving(self, model: str, version: int | None) -> ModelQueue:
+        """The queue serving this model version, or the NotFound / Unavailable that says why none does."""
+        queue = self._scheduler.find(model, version)
+        if queue is None:
+            self._explain_missing(model, version)
+        return queue
 
     def _explain_missing(self, name: str, version: int | None) -> NoReturn:
         entry = self._manager.entry(name)  # raises NotFound for a model not in the repository

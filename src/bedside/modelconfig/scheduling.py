@@ -13,7 +13,6 @@ from typing import Any
 from bedside.errors import InvalidInput, ModelLoadError
 
 LEVEL_NAMES_3 = {"stat": 1, "urgent": 2, "routine": 3}
-DEFAULT_TENANT = "default"
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,10 +62,7 @@ class App:
             headers = [*response.headers, (b"content-length", str(len(response.body)).encode())]
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
             await send({"type": "http.response.body", "body": response.body})
-        elif kind == "lifespan":  # started and stopped by server.run, not by uvicorn
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        # no lifespan: server.run starts and stops the dataplane, the streams and gRPC itself
 
     async def _handle(self, scope: dict[str, Any], receive: Any) -> Response:
         try:

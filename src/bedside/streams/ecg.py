@@ -22,13 +22,13 @@ from bedside.alerts.policies import RhythmAlert
 from bedside.clinical.ecg import FS, LEAD_II, LEADS, confirmed, r_peaks, rate_from_peaks, rr_irregularity
 from bedside.dataplane import CallContext, Dataplane, ModelContract
 from bedside.errors import BedsideError, Unavailable
+from bedside.monitoring.latency import LatencyWindow
 from bedside.protocol.types import InferRequest
 from bedside.settings import ECGSettings
 
 WINDOW = 5 * FS
 HOP = FS
 STAT = CallContext(tenant="streams", priority="stat", transport="ecg")
-LATENCY_WINDOW = 4096
 
 
 class ChunkError(ValueError):
@@ -124,14 +124,12 @@ class ECGStats:
 
     def __init__(self) -> None:
         self.windows = 0
-        self.latencies_ms: list[float] = []
+        self.latency = LatencyWindow()
 
     def record(self, latency_ms: float | None) -> None:
         self.windows += 1
         if latency_ms is not None:
-            self.latencies_ms.append(latency_ms)
-            if len(self.latencies_ms) > 2 * LATENCY_WINDOW:
-                del self.latencies_ms[:-LATENCY_WINDOW]
+            self.latency.record(int(latency_ms * 1e6))
 
 
 class ECGSession:

@@ -22,13 +22,13 @@ from bedside.alerts.rules import Vitals, news2, qsofa
 from bedside.clinical.features import WIDTH
 from bedside.dataplane import CallContext, Dataplane
 from bedside.errors import BedsideError
+from bedside.monitoring.latency import LatencyWindow
 from bedside.protocol.types import InferRequest
 from bedside.settings import DEFAULTS, ScoringSettings
 from bedside.streams.beds import Beds
 
 log = logging.getLogger("bedside.streams")
 SLICE = 16  # beds handled between two yields of the event loop
-LATENCY_WINDOW = 4096
 
 
 class VitalsScorer:
@@ -41,7 +41,7 @@ class VitalsScorer:
             tenant="streams", priority="urgent", timeout_us=int(settings.timeout_ms * 1000), transport="scorer"
         )
         self.cycles = 0
-        self.latencies_ms: list[float] = []
+        self.latency = LatencyWindow()  # one batched model call per cycle
 
     async def run(self) -> None:
         while True:
@@ -111,8 +111,7 @@ class VitalsScorer:
                 response = await asyncio.wait_for(self.dataplane.infer(model, None, request, self.context), timeout_s)
                 version = response.model_version
                 risks += np.asarray(response.outputs[contract.score_output])[:, column].astype(float).tolist()
-            self.latencies_ms.append((time.perf_counter() - started) * 1e3)
-            del self.latencies_ms[:-LATENCY_WINDOW]
+            self.latency.record(int((time.perf_counter() - started) * 1e9))
             return risks, f"{model} v{version}", ""
         except TimeoutError:
             return None, "rules", f"model {model!r} did not answer within {timeout_s * 1e3:.0f} ms"

@@ -8,13 +8,12 @@ import asyncio
 import re
 from typing import Any
 
-import numpy as np
-
 from bedside.alerts.bus import AlertBus
 from bedside.alerts.events import Event
 from bedside.alerts.hl7out import HL7AlertSender
 from bedside.dataplane import Dataplane
 from bedside.errors import InvalidInput
+from bedside.monitoring.latency import LatencyWindow
 from bedside.settings import DEFAULTS, Settings, split_host_port
 from bedside.streams.beds import Beds
 from bedside.streams.ecg import ECGSession, ECGStats
@@ -24,8 +23,9 @@ from bedside.streams.scorer import VitalsScorer
 BED_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def _p99(values: list[float]) -> float | None:
-    return round(float(np.percentile(values, 99)), 3) if values else None
+def _p99(window: LatencyWindow) -> float | None:
+    p99 = window.summary()["p99_ms"]
+    return None if p99 is None else round(p99, 3)
 
 
 class Streams:
@@ -95,9 +95,9 @@ class Streams:
                 "interval_s": self.settings.scoring.interval_s,
                 "cycles": self.scorer.cycles,
                 "model": self.settings.scoring.model,
-                "model_p99_ms": _p99(self.scorer.latencies_ms),
+                "model_p99_ms": _p99(self.scorer.latency),
             },
-            "ecg": {"windows": self.ecg.windows, "p99_ms": _p99(self.ecg.latencies_ms[-4096:])},
+            "ecg": {"windows": self.ecg.windows, "p99_ms": _p99(self.ecg.latency)},
             "alerts": {
                 "published": self.bus.published,
                 "dropped_by_slow_subscribers": self.bus.dropped,
