@@ -651,3 +651,16 @@ def test_unexpected_errors_are_internal_and_logged_without_request_data(caplog):
     assert "ValueError" in caplog.text and "ModelMetadata" in caplog.text
     assert "MRN-0042" not in caplog.text and "3.14159" not in caplog.text
     assert second.aborted == (Code.RESOURCE_EXHAUSTED, "queue full", (("retry-after", "2"),))
+
+
+@pytest.mark.parametrize("method", ["ModelInfer", "ModelMetadata", "RepositoryModelLoad"])
+def test_bytes_that_are_not_protobuf_are_invalid_argument_and_not_logged(address, grpc_server, method):
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff\xff\xff\xff garbage", timeout=10)
+        assert info.value.code() == Code.INVALID_ARGUMENT and "not a valid" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:  # an empty message is valid protobuf: it names no model
+            call(b"", timeout=10)
+        assert info.value.code() == Code.NOT_FOUND
+    assert "Traceback" not in grpc_server[0].log.read_text()

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from bedside.dataplane import CallContext, Dataplane, call_context
 from bedside.dataplane.context import PRIORITY_KEY, TENANT_KEY, TIMEOUT_MS_KEY
@@ -185,9 +186,18 @@ class InferenceServicer:
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(behaviour: Handler, request: Any, response: Any) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(
-                behaviour, request_deserializer=request.FromString, response_serializer=response.SerializeToString
-            )
+            # Parsed here, not by grpc's deserializer: grpc answers a message that is not protobuf
+            # with UNKNOWN and a logged traceback per call; the caller gets INVALID_ARGUMENT instead.
+            async def parsed(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    message = request.FromString(raw)
+                except DecodeError:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {request.DESCRIPTOR.name}"
+                    )
+                return await behaviour(message, context)
+
+            return grpc.unary_unary_rpc_method_handler(parsed, response_serializer=response.SerializeToString)
 
         guarded: list[tuple[str, Handler, Any, Any]] = [
             ("ServerLive", self.server_live, pb.ServerLiveRequest, pb.ServerLiveResponse),
