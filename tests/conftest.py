@@ -69,6 +69,8 @@ def start_server(repo: Path, log: Path, *extra: str) -> Server:
     if "--grpc-port" not in extra:
         extra = (*extra, "--grpc-port", "-1")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # each server its own journal and key: tests must not restore each other's beds
+    env.setdefault("BEDSIDE_STREAMS_STATE_DIR", str(log.parent / f"state-{port}"))
     with log.open("wb") as out:
         process = subprocess.Popen(
             [

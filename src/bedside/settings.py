@@ -13,6 +13,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "BEDSIDE_"
@@ -54,6 +55,21 @@ class ServerSettings:
     max_body_mb: int = _opt(64, "largest REST body or gRPC message, MiB (larger: 413 / RESOURCE_EXHAUSTED)", 1, 2047)
     log_level: str = _opt("info", "server log level", None, None, "debug", "info", "warning", "error")
     keepalive_s: float = _opt(30.0, "idle HTTP keep-alive connections are closed after this", 1, 3600)
+    header_timeout_s: float = _opt(
+        10.0, "a request line and headers must arrive within this (slower: 408, closed)", 0.1, 600
+    )
+    body_timeout_s: float = _opt(
+        60.0, "a request body must arrive within this after its headers (slower: 408)", 0.1, 3600
+    )
+    max_connections: int = _opt(1024, "HTTP connections open at once; more are answered 503 and closed", 1, 10**6)
+    max_header_kb: int = _opt(64, "request line and headers together, KiB (larger: 431)", 1, 1024)
+    max_headers: int = _opt(100, "headers in one request (more: 431)", 1, 10_000)
+    max_bodies_mb: int = _opt(
+        256, "memory all REST bodies being received may hold together, MiB (beyond: 503 + Retry-After)", 1, 65536
+    )
+    inline_decode_kb: int = _opt(
+        256, "bodies larger than this (after decompression) are decoded off the event loop", 1, 1 << 20
+    )
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,33 @@ class StreamsSettings:
     mllp_port: int = _opt(2575, "HL7v2/MLLP listener port for patient monitors; -1: none", -1, 65535)
     max_beds: int = _opt(2048, "beds held in memory; the least recently heard bed is forgotten beyond it", 1, 100_000)
     ack_timeout_s: float = _opt(5.0, "longest a monitor waits for its ACK before a NAK asks it to resend", 0.1, 60)
+    state_dir: str = _opt(
+        "", "folder for the observation journal and this box's secret key; empty: $XDG_STATE_HOME/bedside"
+    )
+    journal: bool = _opt(True, "write accepted observations to a journal before the ACK and restore beds from it")
+    journal_sync: str = _opt(
+        "full",
+        "full: fsync before every ACK (survives power loss); normal: survives a crash of the server",
+        None,
+        None,
+        "full",
+        "normal",
+    )
+    monitor_timezone: str = _opt(
+        "UTC", "zone of HL7 times sent without an offset: UTC or an IANA name such as Europe/Berlin", check=_not_empty
+    )
+    max_observation_age_s: float = _opt(
+        3600.0, "observations older than this are refused with the reason (NAK), never stored unused", 60, 86400
+    )
+    max_clock_skew_s: float = _opt(
+        300.0, "observations stamped further ahead of this box's clock are refused", 0, 86400
+    )
+    mllp_max_frame_kb: int = _opt(1024, "largest HL7 message over MLLP, KiB (larger: NAK, connection closed)", 1, 65536)
+    mllp_max_connections: int = _opt(256, "MLLP connections open at once; more are closed at once", 1, 100_000)
+    mllp_idle_timeout_s: float = _opt(300.0, "an MLLP connection silent this long is closed", 1, 86400)
+    mllp_max_buffered_mb: int = _opt(
+        64, "memory all unfinished MLLP frames may hold together, MiB; beyond, the largest is NAKed", 1, 4096
+    )
 
 
 @dataclass(frozen=True)
@@ -82,6 +125,7 @@ class ECGSettings:
         0.08, "R-R coefficient of variation needed to confirm (and alert on) atrial fibrillation", 0, 10
     )
     budget_ms: float = _opt(4.0, "window-to-score latency budget reported per result", 0.01, 10_000)
+    max_chunk_s: float = _opt(2.0, "longest ECG chunk one message may carry, seconds (longer: refused)", 0.01, 60)
 
 
 @dataclass(frozen=True)
@@ -210,3 +254,12 @@ def _parse(dotted: str, kind: type, text: str) -> Any:
     if kind is float and not math.isfinite(value):
         raise SettingsError(f"{dotted} must be a finite number, got {text!r}")
     return value
+
+
+def state_dir(configured: str, environ: Mapping[str, str]) -> Path:
+    """Where this box keeps state between runs: the setting, else $XDG_STATE_HOME/bedside, else
+    ~/.local/state/bedside. Created (owner-only) by whoever first writes there."""
+    if configured:
+        return Path(configured).expanduser()
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "bedside"
