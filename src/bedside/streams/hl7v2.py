@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 
 import hl7
 
@@ -115,6 +115,21 @@ class VitalsMessage:
     ignored: int = 0  # observations with codes bedside does not use
     sending_application: str = ""
     sending_facility: str = ""
+    warnings: list[str] = field(default_factory=list)  # observations refused while the rest were stored
+
+
+@dataclass(frozen=True)
+class HL7Policy:
+    """How messages are read: the monitors' time zone for times without an offset, the box's secret
+    key for bed names derived from a patient identifier, and the accepted range of observation times."""
+
+    zone: tzinfo = UTC
+    bed_key: bytes = b""
+    max_age_s: float = 3600.0
+    max_skew_s: float = 300.0
+
+
+DEFAULT_POLICY = HL7Policy()
 
 
 def _field(segment: hl7.Segment, index: int) -> str:
@@ -152,7 +167,7 @@ def _hl7_time(text: str, default: float) -> float:
     return stamp.timestamp()
 
 
-def parse_oru(raw: str, now: float | None = None) -> VitalsMessage:
+def parse_oru(raw: str, now: float | None = None, policy: HL7Policy = DEFAULT_POLICY) -> VitalsMessage:
     now = time.time() if now is None else now
     text = raw.replace("\r\n", "\r").replace("\n", "\r").strip("\r\x00 ")
     if not text.startswith("MSH"):
@@ -221,6 +236,12 @@ def _value(vital: str, text: str, unit: str, control_id: str) -> float | str | b
     if not low <= value <= high:
         raise HL7Error(f"{vital} {value:g} is outside the physiological range {low}-{high}", "AE", control_id)
     return value
+
+
+def accepted_ack(raw: str, message: VitalsMessage) -> str:
+    """The AA for a stored message, with what was left out of it."""
+    note = f"{message.ignored} observations with unused codes ignored" if message.ignored else ""
+    return ack(raw, "AA", note, message.control_id)
 
 
 def ack(raw: str, code: str = "AA", text: str = "", control_id: str = "") -> str:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from bedside.settings import DEFAULTS
-from bedside.streams.hl7v2 import HL7Error, VitalsMessage, ack, parse_oru
+from bedside.streams.hl7v2 import HL7Error, VitalsMessage, accepted_ack, ack, parse_oru
 
 START, END = b"\x0b", b"\x1c\x0d"
 MAX_FRAME = 1 << 20
@@ -111,5 +111,4 @@ class MLLPServer:
             self._changed()
             return ack(text, "AE", f"internal error: {type(exc).__name__}")
         self.accepted += 1
-        note = f"{message.ignored} observations with unused codes ignored" if message.ignored else ""
-        return ack(text, "AA", note, message.control_id)
+        return accepted_ack(text, message)
