@@ -17,6 +17,13 @@ class InvalidInput(BedsideError):
     status = 400
 
 
+class NonFiniteOutput(InvalidInput):
+    """The model answered NaN or Infinity for this input (e.g. an overflow on extreme values): no
+    number to give, and JSON has none to carry it; the input is what drove the model there."""
+
+    status = 422
+
+
 class NotFound(BedsideError):
     status = 404
 

@@ -102,6 +102,8 @@ class ModelConfig:
     warmup: WarmupSpec | None = field(default_factory=WarmupSpec)
     scheduling: SchedulingPolicy = field(default_factory=SchedulingPolicy)
     contract: ContractSpec = field(default_factory=ContractSpec)
+    # NaN/Infinity in inputs or outputs: refused by default (a clinical score from a NaN is no score)
+    allow_non_finite: bool = False
     inferred: bool = False
 
     def full_shape(self, spec: TensorSpec) -> tuple[int, ...]:
@@ -119,6 +121,7 @@ class ModelConfig:
             "version_policy": self.version_policy.to_dict(),
             "inputs": [s.to_dict() for s in self.inputs],
             "outputs": [s.to_dict() for s in self.outputs],
+            "allow_non_finite": self.allow_non_finite,
         }
         if self.warmup is not None:
             doc["warmup"] = self.warmup.to_dict()
@@ -145,6 +148,7 @@ _TOP_KEYS = {
     "queue_policy",
     "tenants",
     "contract",
+    "allow_non_finite",
 }
 
 
@@ -197,6 +201,7 @@ def parse_config(doc: dict[str, Any], folder_name: str, folder: Path | None = No
             doc.get("scheduling"), doc.get("dynamic_batching"), doc.get("queue_policy"), doc.get("tenants")
         ),
         contract=_contract(doc.get("contract"), inputs, outputs, folder),
+        allow_non_finite=_bool(doc, "allow_non_finite", _FIELD["allow_non_finite"]),
     )
     if config.scheduling.reserved_instances >= config.instances:
         raise ModelLoadError(
@@ -210,6 +215,13 @@ def _int(doc: dict[str, Any], key: str, default: int, minimum: int) -> int:
     value = doc.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ModelLoadError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _bool(doc: dict[str, Any], key: str, default: bool) -> bool:
+    value = doc.get(key, default)
+    if not isinstance(value, bool):
+        raise ModelLoadError(f"{key} must be true or false, got {value!r}")
     return value
 
 

@@ -8,14 +8,13 @@ turning every float into text. BYTES elements are each prefixed by a 4-byte litt
 from __future__ import annotations
 
 import struct
-from math import prod
 from typing import Any
 
 import numpy as np
 import orjson
 
 from bedside.errors import InvalidInput
-from bedside.protocol.datatypes import numpy_dtype, oip_datatype
+from bedside.protocol.datatypes import check_shape, numbers_as, numpy_dtype, oip_datatype
 from bedside.protocol.types import InferRequest, InferResponse, RequestedOutput
 
 _U32 = struct.Struct("<I")
@@ -80,9 +79,7 @@ def _decode_input(item: Any, binary: memoryview, offset: int) -> tuple[str, np.n
         raise InvalidInput(f"input {name!r} needs a 'datatype'")
     dtype = numpy_dtype(datatype)
     shape = item.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise InvalidInput(f"input {name!r} needs a 'shape' list of non-negative integers")
-    count = prod(shape)
+    count = check_shape(name, shape)
     params = item.get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
 
@@ -104,10 +101,13 @@ def _decode_input(item: Any, binary: memoryview, offset: int) -> tuple[str, np.n
     if "data" not in item:
         raise InvalidInput(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
     data = item["data"]
-    try:
-        array = np.array(_flatten(data), dtype=object) if datatype == "BYTES" else np.asarray(data, dtype=dtype)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(f"input {name!r}: data does not fit datatype {datatype}: {exc}") from None
+    if datatype == "BYTES":
+        try:
+            array = np.array(_flatten(data), dtype=object)
+        except ValueError:
+            raise InvalidInput(f"input {name!r}: BYTES data must be strings") from None
+    else:
+        array = numbers_as(data, dtype, name, datatype)
     if array.size != count:
         raise InvalidInput(f"input {name!r}: shape {shape} needs {count} elements, data has {array.size}")
     return name, array.reshape(shape), 0
@@ -124,7 +124,7 @@ def _flatten(data: Any) -> list[str]:
                 stack.append(iter(value))
                 break
             if not isinstance(value, str):
-                raise ValueError(f"BYTES elements must be strings, got {type(value).__name__}")
+                raise ValueError("BYTES elements must be strings")
             out.append(value)
         else:
             stack.pop()
@@ -190,7 +190,9 @@ def encode_response(response: InferResponse, request: InferRequest | None = None
         elif datatype == "BYTES":
             entry["data"] = [_as_text(v) for v in array.reshape(-1).tolist()]
         else:
-            entry["data"] = np.ascontiguousarray(array).reshape(-1)
+            flat = np.ascontiguousarray(array).reshape(-1)
+            # orjson would write NaN/Infinity as null; spell them as protobuf's JSON mapping does
+            entry["data"] = _spelled(flat) if flat.dtype.kind == "f" and not np.isfinite(flat).all() else flat
         outs.append(entry)
     doc: dict[str, Any] = {
         "model_name": response.model_name,
@@ -205,6 +207,18 @@ def encode_response(response: InferResponse, request: InferRequest | None = None
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
+
+
+def _spelled(values: np.ndarray) -> list[float | str]:
+    out: list[float | str] = []
+    for value in values.tolist():
+        if value != value:
+            out.append("NaN")
+        elif value in (float("inf"), float("-inf")):
+            out.append("Infinity" if value > 0 else "-Infinity")
+        else:
+            out.append(value)
+    return out
 
 
 def tensor_bytes(array: np.ndarray, datatype: str) -> bytes:

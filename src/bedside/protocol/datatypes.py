@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from math import prod
+from typing import Any
+
 import numpy as np
 
 from bedside.errors import InvalidInput
@@ -58,3 +61,93 @@ def oip_datatype(dtype: np.dtype) -> str:
         return NUMPY_TO_OIP[dtype]
     except KeyError:
         raise InvalidInput(f"numpy dtype {dtype} has no Open Inference Protocol datatype") from None
+
+
+MAX_DIMS = 32
+MAX_DIM = 2**31 - 1  # a dimension beyond this is a client bug, not a tensor
+MAX_SPAN = 2**40  # product of the non-zero dimensions: numpy refuses shapes whose byte size overflows
+# JSON spellings of the non-finite floats (as in protobuf's JSON mapping); numbers are never quoted otherwise
+NON_FINITE_TEXT = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def check_shape(name: str, shape: Any) -> int:
+    """The element count of a client's `shape`, or InvalidInput when it cannot be a tensor's."""
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) > MAX_DIMS
+        or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
+    ):
+        raise InvalidInput(
+            f"input {name!r}: 'shape' must be a list of at most {MAX_DIMS} non-negative integers, each at most {MAX_DIM}"
+        )
+    if prod(d or 1 for d in shape) > MAX_SPAN:
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} is larger than any tensor this server holds")
+    return prod(shape)
+
+
+def numbers_as(data: Any, dtype: np.dtype, name: str, datatype: str) -> np.ndarray:
+    """JSON numbers (a flat or nested list) as an array of `dtype`, refusing every conversion that
+    would change a value: text for numbers, booleans for numbers and numbers for booleans, fractions
+    for integers, integers outside the type's range (a list mixing booleans with numbers is read as
+    numbers, as numpy does). Floats beyond FP16/FP32's range become
+    infinities here and are refused with the other non-finite values by the model's signature."""
+    try:
+        raw = np.asarray(data)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"input {name!r}: 'data' is not a regular (non-ragged) list of numbers") from None
+    kind = raw.dtype.kind
+    if raw.size == 0:
+        return raw.astype(dtype)
+    if dtype.kind == "b":
+        if kind != "b":
+            raise InvalidInput(f"input {name!r}: {datatype} data must be true or false")
+        return raw
+    if dtype.kind in "iu":
+        if kind not in "iu":  # numpy reads [0, 2**64 - 1] as floats: look at the values themselves
+            raw = _exact_integers(data, raw.shape, name, datatype)
+        limits = np.iinfo(dtype)
+        if int(raw.min()) < limits.min or int(raw.max()) > limits.max:
+            raise InvalidInput(f"input {name!r}: a value is outside the {datatype} range {limits.min}..{limits.max}")
+        return raw.astype(dtype, copy=False)
+    if kind in "USO":
+        raw = _spelled_floats(data, raw.shape, name, datatype)
+    elif kind not in "iuf":
+        raise InvalidInput(f"input {name!r}: {datatype} data must be numbers")
+    with np.errstate(over="ignore"):
+        return raw.astype(dtype, copy=False)
+
+
+def _exact_integers(data: Any, shape: tuple[int, ...], name: str, datatype: str) -> np.ndarray:
+    values = np.array(data, dtype=object)
+    if values.shape != shape:
+        raise InvalidInput(f"input {name!r}: 'data' is not a regular (non-ragged) list of numbers")
+    flat = values.reshape(-1).tolist()
+    if not all(type(v) is int for v in flat):
+        raise InvalidInput(f"input {name!r}: {datatype} data must be integers")
+    low, high = min(flat), max(flat)
+    limits = np.iinfo(OIP_TO_NUMPY[datatype])
+    if low < limits.min or high > limits.max:
+        raise InvalidInput(f"input {name!r}: a value is outside the {datatype} range {limits.min}..{limits.max}")
+    return np.array(flat, dtype=OIP_TO_NUMPY[datatype]).reshape(shape)
+
+
+def _spelled_floats(data: Any, shape: tuple[int, ...], name: str, datatype: str) -> np.ndarray:
+    """Numbers mixed with "NaN"/"Infinity"/"-Infinity" (the slow path; anything else is refused)."""
+    values = np.array(data, dtype=object)
+    if values.shape != shape:
+        raise InvalidInput(f"input {name!r}: 'data' is not a regular (non-ragged) list of numbers")
+    out = np.empty(shape, dtype=np.float64)
+    flat = out.reshape(-1)
+    for i, value in enumerate(values.reshape(-1).tolist()):
+        if isinstance(value, str) and value in NON_FINITE_TEXT:
+            flat[i] = NON_FINITE_TEXT[value]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                flat[i] = value
+            except OverflowError:
+                flat[i] = float("inf") if value > 0 else float("-inf")
+        else:
+            raise InvalidInput(
+                f"input {name!r}: {datatype} data must be numbers (or \"NaN\", \"Infinity\", \"-Infinity\")"
+            )
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bedside.errors import InvalidInput, TooLarge
+from bedside.errors import InvalidInput, NonFiniteOutput, TooLarge
 from bedside.modelconfig.model import ModelConfig
 from bedside.protocol.datatypes import numpy_dtype, oip_datatype
 
@@ -16,6 +16,7 @@ class Signature:
         self.max_batch = config.max_batch_size
         self.inputs = {s.name: (numpy_dtype(s.datatype), s.datatype, config.full_shape(s)) for s in config.inputs}
         self.outputs = frozenset(s.name for s in config.outputs)
+        self.finite_only = not config.allow_non_finite
 
     def check(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> int:
         """Validate and return the batch size (1 for models that do not batch)."""
@@ -40,6 +41,11 @@ class Signature:
                 raise InvalidInput(
                     f"model {self.model!r} input {name!r}: expected shape {list(shape)} (-1 = any), got {list(got)}"
                 )
+            if self.finite_only and dtype.kind == "f" and not np.isfinite(array).all():
+                raise InvalidInput(
+                    f"model {self.model!r} input {name!r}: {int(array.size - np.isfinite(array).sum())} values "
+                    f"are NaN or infinite (or beyond the range of {datatype}); the model takes finite numbers only"
+                )
             if self.max_batch:
                 batch = got[0]
                 if batch > self.max_batch:
@@ -53,6 +59,18 @@ class Signature:
             if unknown:
                 raise InvalidInput(f"model {self.model!r}: unknown outputs {unknown}; it has {sorted(self.outputs)}")
         return batch
+
+
+    def check_outputs(self, outputs: dict[str, np.ndarray]) -> None:
+        """NonFiniteOutput when a float output holds NaN or Infinity and the model does not allow them."""
+        if not self.finite_only:
+            return
+        for name, array in outputs.items():
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise NonFiniteOutput(
+                    f"model {self.model!r} answered NaN or Infinity in output {name!r} for this input "
+                    "(extreme input values?); no result is given"
+                )
 
 
 def _oip(array: np.ndarray) -> str:

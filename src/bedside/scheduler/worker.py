@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bedside.errors import BedsideError, DeadlineExceeded, InferenceFailed, Retired
+from bedside.errors import BedsideError, DeadlineExceeded, InferenceFailed, NonFiniteOutput, Retired
 from bedside.monitoring.latency import ModelStats
 from bedside.protocol.types import CallContext, InferRequest
 from bedside.runtime.session import OnnxModel
@@ -126,6 +126,12 @@ class ModelQueue:
             self.queue.done(batch, done - started)
         stats.record_execution(sum(j.rows for j in batch))
         for job, result in zip(batch, parts, strict=True):
+            try:
+                self.signature.check_outputs(result)
+            except NonFiniteOutput as exc:
+                stats.reject(job.tenant, type(exc).__name__)
+                _post(job.future, _settle_error, exc)
+                continue
             stats.record_request(job.tenant, started - job.enqueued, done - started, done - job.enqueued)
             _post(job.future, _settle, result)
 

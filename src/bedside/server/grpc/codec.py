@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from math import prod
 from typing import Any
 
 import numpy as np
@@ -26,12 +25,10 @@ from bedside.modelconfig.scheduling import QueuePolicy
 # Shared with the REST codec: BYTES elements with 4-byte little-endian length prefixes (see report:
 # these two belong under public names in bedside.protocol).
 from bedside.protocol.codec import decode_bytes_elements, tensor_bytes
-from bedside.protocol.datatypes import DATATYPES, OIP_TO_NUMPY, oip_datatype
+from bedside.protocol.datatypes import DATATYPES, OIP_TO_NUMPY, check_shape, oip_datatype
 from bedside.protocol.types import InferRequest, InferResponse, RequestedOutput
 from bedside.server.grpc import oip_pb2 as pb
 
-MAX_DIMS = 32
-MAX_DIM = 2**31 - 1  # a dimension beyond this is a client bug, not a tensor
 _LITTLE = sys.byteorder == "little"
 
 # Raw data is little-endian on the wire whatever the host.
@@ -98,12 +95,7 @@ def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
             f"input {name!r}: unknown datatype {datatype[:32]!r}; expected one of {', '.join(sorted(DATATYPES))}"
         )
     shape = tuple(tensor.shape)
-    if len(shape) > MAX_DIMS or any(d < 0 or d > MAX_DIM for d in shape):
-        raise InvalidInput(
-            f"input {name!r}: shape {list(shape[: MAX_DIMS + 1])} is not a tensor shape "
-            f"(at most {MAX_DIMS} dimensions, each 0..{MAX_DIM})"
-        )
-    count = prod(shape)
+    count = check_shape(name, shape)
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidInput(f"input {name!r} has both contents and raw_input_contents; give one")
