@@ -125,7 +125,10 @@ def export_torch(
                 module,
                 tensors,
                 buffer,  # type: ignore[arg-type]  # torch writes to a file object as well as a path
-                input_names=input_names, output_names=output_names, dynamo=dynamo, **dynamic
+                input_names=input_names,
+                output_names=output_names,
+                dynamo=dynamo,
+                **dynamic,
             )
     except Exception as exc:  # the exporters raise many types for unsupported operators
         raise ExportError(

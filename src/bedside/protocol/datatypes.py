@@ -78,7 +78,8 @@ def check_shape(name: str, shape: Any) -> int:
         or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
     ):
         raise InvalidInput(
-            f"input {name!r}: 'shape' must be a list of at most {MAX_DIMS} non-negative integers, each at most {MAX_DIM}"
+            f"input {name!r}: 'shape' must be a list of at most {MAX_DIMS} non-negative integers, "
+            f"each at most {MAX_DIM}"
         )
     if prod(d or 1 for d in shape) > MAX_SPAN:
         raise InvalidInput(f"input {name!r}: shape {list(shape)} is larger than any tensor this server holds")
@@ -147,7 +148,5 @@ def _spelled_floats(data: Any, shape: tuple[int, ...], name: str, datatype: str)
             except OverflowError:
                 flat[i] = float("inf") if value > 0 else float("-inf")
         else:
-            raise InvalidInput(
-                f"input {name!r}: {datatype} data must be numbers (or \"NaN\", \"Infinity\", \"-Infinity\")"
-            )
+            raise InvalidInput(f'input {name!r}: {datatype} data must be numbers (or "NaN", "Infinity", "-Infinity")')
     return out

@@ -60,7 +60,6 @@ class Signature:
                 raise InvalidInput(f"model {self.model!r}: unknown outputs {unknown}; it has {sorted(self.outputs)}")
         return batch
 
-
     def check_outputs(self, outputs: dict[str, np.ndarray]) -> None:
         """NonFiniteOutput when a float output holds NaN or Infinity and the model does not allow them."""
         if not self.finite_only:
