@@ -86,10 +86,11 @@ class Dataplane:
         outputs = await future
         return InferResponse(model, queue.version_text, outputs, request.id)
 
-    def check_served(self, model: str, version: str | None) -> None:
+    def check_served(self, model: str, version: str | None) -> int | None:
         """Raise what `infer` would for a model version that is not served, before a transport
-        spends time reading and decoding the body (a wrong URL answers 404 whatever it carries)."""
-        self._serving(model, parse_version(version))
+        spends time reading and decoding the body (a wrong URL answers 404 whatever it carries).
+        Returns the most input elements a request to it can carry (None: not bounded)."""
+        return self._serving(model, parse_version(version)).signature.max_elements
 
     def _serving(self, model: str, version: int | None) -> ModelQueue:
         """The queue serving this model version, or the NotFound / Unavailable that says why none does."""

@@ -14,6 +14,8 @@ from bedside.modelconfig.model import ModelConfig
 from bedside.protocol.datatypes import ORT_TO_OIP, numpy_dtype
 from bedside.runtime import providers
 
+ort.disable_telemetry_events()  # belt and braces with ORT_DISABLE_TELEMETRY (see bedside/__init__.py)
+
 # Small models lose more to thread hand-offs than they gain from a second core.
 _SMALL_MODEL_BYTES = 4 << 20
 

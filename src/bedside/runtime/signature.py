@@ -17,6 +17,7 @@ class Signature:
         self.inputs = {s.name: (numpy_dtype(s.datatype), s.datatype, config.full_shape(s)) for s in config.inputs}
         self.outputs = frozenset(s.name for s in config.outputs)
         self.finite_only = not config.allow_non_finite
+        self.max_elements = _max_elements(config)
 
     def check(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> int:
         """Validate and return the batch size (1 for models that do not batch)."""
@@ -70,6 +71,27 @@ class Signature:
                     f"model {self.model!r} answered NaN or Infinity in output {name!r} for this input "
                     "(extreme input values?); no result is given"
                 )
+
+
+def _max_elements(config: ModelConfig) -> int | None:
+    """The most input elements a valid request can carry, or None when a variable dimension (other
+    than the batch) or a BYTES input leaves it open. Transports size-check bodies against it before
+    decoding them, so a small compressed body cannot inflate into gigabytes of numbers."""
+    total = 0
+    for spec in config.inputs:
+        dims = config.full_shape(spec)
+        if spec.datatype == "BYTES":
+            return None
+        count = 1
+        for i, d in enumerate(dims):
+            if d == -1 and i == 0 and config.max_batch_size:
+                count *= config.max_batch_size
+            elif d == -1:
+                return None
+            else:
+                count *= d
+        total += count
+    return total
 
 
 def _oip(array: np.ndarray) -> str:

@@ -9,21 +9,31 @@ endpoints are here too, as thin adapters: the streams themselves know no protoco
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
 
 from bedside.dataplane import Dataplane, call_context
-from bedside.errors import BedsideError, InvalidInput, MethodNotAllowed, NotFound, TooLarge
+from bedside.errors import BedsideError, InvalidInput, MethodNotAllowed, NotFound, TooLarge, Unavailable
+from bedside.monitoring.redact import describe_exception
 from bedside.protocol.codec import decode_request, encode_response
+from bedside.protocol.types import InferRequest
 from bedside.server.events import serve_ecg, serve_sse
+from bedside.settings import ServerSettings
 from bedside.streams.service import Streams
 
 log = logging.getLogger("bedside.server")
 
 _JSON = [(b"content-type", b"application/json")]
+JSON_BYTES_PER_ELEMENT = 32  # "-1.2345678901234567e-308, " with room for brackets and spaces
+HEADER_ALLOWANCE = 64 << 10  # names, shapes, parameters, id of a request
+SMALL_BODY = 64 << 10
+CONTROL_BODY = 64 << 10  # repository calls take an optional small JSON object
+DECODE_THREADS = 2
 _OCTET = b"application/octet-stream"
 
 
@@ -46,10 +56,16 @@ def error_response(exc: BedsideError) -> Response:
 
 
 class App:
-    def __init__(self, dataplane: Dataplane, max_body_bytes: int, streams: Streams | None = None) -> None:
+    def __init__(self, dataplane: Dataplane, settings: ServerSettings, streams: Streams | None = None) -> None:
         self.dataplane = dataplane
-        self.max_body = max_body_bytes
+        self.max_body = settings.max_body_mb << 20
+        self.max_bodies = settings.max_bodies_mb << 20
+        self.inline_decode = settings.inline_decode_kb << 10
         self.streams = streams
+        self.bodies_held = 0  # bytes of large bodies being received or served, over all requests
+        # Large decodes leave the event loop (zlib releases the GIL; orjson yields it every 5 ms
+        # switch interval), so one client's 60 MiB of numbers does not stall every STAT request.
+        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="bedside-decode")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -65,15 +81,19 @@ class App:
         # no lifespan: server.run starts and stops the dataplane, the streams and gRPC itself
 
     async def _handle(self, scope: dict[str, Any], receive: Any) -> Response:
+        call = _Call(scope, receive)
         try:
-            return await self._route(scope, receive)
+            return await self._route(call)
         except BedsideError as exc:
             return error_response(exc)
-        except Exception:
-            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+        except Exception as exc:
+            log.error("unexpected error on %s: %s", scope["method"], describe_exception(exc))
             return Response(500, b'{"error":"internal server error; see the server log"}')
+        finally:
+            self.bodies_held -= call.held
 
-    async def _route(self, scope: dict[str, Any], receive: Any) -> Response:
+    async def _route(self, call: _Call) -> Response:
+        scope = call.scope
         parts = scope["path"].rstrip("/").split("/")[1:]
         method = scope["method"]
         if not parts or parts[0] != "v2":
@@ -92,7 +112,7 @@ class App:
                 raise NotFound(f"no route {scope['path']}")
             if action == "infer":
                 _require(method, "POST", scope)
-                return await self._infer(scope, receive, name, version)
+                return await self._infer(call, name, version)
             _require(method, "GET", scope)
             if name == "stats" and version is None and not tail:
                 return json_response(_statistics(dataplane, None, None))
@@ -128,10 +148,10 @@ class App:
         if rest[0] == "repository":
             _require(method, "POST", scope)
             if rest[1:] == ["index"]:
-                await self._read_body(scope, receive)
+                await self._read_body(call, CONTROL_BODY)
                 return json_response([row.to_dict() for row in dataplane.repository_index()])
             if len(rest) == 4 and rest[1] == "models" and rest[3] in ("load", "unload"):
-                await self._read_body(scope, receive)
+                await self._read_body(call, CONTROL_BODY)
                 if rest[3] == "load":
                     await dataplane.load(rest[2])
                 else:
@@ -139,8 +159,11 @@ class App:
                 return json_response({})
         raise NotFound(f"no route {method} {scope['path']}")
 
-    async def _infer(self, scope: dict[str, Any], receive: Any, name: str, version: str | None) -> Response:
-        self.dataplane.check_served(name, version)
+    async def _infer(self, call: _Call, name: str, version: str | None) -> Response:
+        scope = call.scope
+        max_elements = self.dataplane.check_served(name, version)
+        # no valid request to this model is larger than its inputs written as JSON numbers
+        limit = self.max_body if max_elements is None else min(self.max_body, bound_for(max_elements))
         header_length = None
         encoding = tenant = priority = timeout_ms = None
         for key, value in scope["headers"]:
@@ -157,10 +180,16 @@ class App:
                     priority = value.decode("latin-1")
                 elif key == b"x-bedside-timeout-ms":
                     timeout_ms = value.decode("latin-1")
-        body = await self._read_body(scope, receive)
-        if encoding and encoding != "identity":
-            body = self._decompress(body, encoding)
-        request = decode_request(body, header_length)
+        body = await self._read_body(call, limit)
+        if encoding == "identity":
+            encoding = None
+        if encoding is not None and encoding not in ("gzip", "deflate"):
+            raise InvalidInput(f"Content-Encoding {encoding[:32]!r} is not supported; use gzip or deflate")
+        if encoding is None and len(body) <= self.inline_decode:
+            request = decode_request(body, header_length)  # the hot path: small JSON, no thread hop
+        else:
+            loop = asyncio.get_running_loop()
+            request = await loop.run_in_executor(self._decoder, _decode, body, encoding, limit, header_length)
         context = call_context(
             request.parameters, tenant=tenant, priority=priority, timeout_ms=timeout_ms, transport="rest"
         )
@@ -174,36 +203,70 @@ class App:
             [(b"content-type", _OCTET), (b"inference-header-content-length", str(binary_header).encode())],
         )
 
-    async def _read_body(self, scope: dict[str, Any], receive: Any) -> bytes:
-        for key, value in scope["headers"]:
-            if key == b"content-length" and value.isascii() and value.isdigit() and int(value) > self.max_body:
-                raise TooLarge(f"request body of {int(value)} bytes exceeds the limit of {self.max_body}")
+    async def _read_body(self, call: _Call, limit: int) -> bytes:
+        """The whole body, at most `limit` bytes (413 beyond). A body larger than SMALL_BODY is counted
+        against the memory all bodies in flight may hold (503 beyond): ten stalled 60 MB uploads
+        must not take the box's memory. Small bodies are not counted, so STAT requests never wait."""
+        for key, value in call.scope["headers"]:
+            if key == b"content-length" and value.isascii() and value.isdigit():
+                declared = int(value)
+                if declared > limit:
+                    raise TooLarge(f"request body of {declared} bytes exceeds the limit of {limit} for this request")
+                if declared > SMALL_BODY:
+                    self._hold(call, declared)
         chunks = []
         size = 0
         while True:
-            message = await receive()
+            message = await call.receive()
             if message["type"] == "http.disconnect":
                 raise InvalidInput("client disconnected before sending the whole body")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body:
-                raise TooLarge(f"request body exceeds the limit of {self.max_body} bytes")
+            if size > limit:
+                raise TooLarge(f"request body exceeds the limit of {limit} bytes for this request")
+            if size > max(call.held, SMALL_BODY):  # no (or a false) Content-Length: count as it comes
+                self._hold(call, size - call.held)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _decompress(self, body: bytes, encoding: str) -> bytes:
-        if encoding not in ("gzip", "deflate"):
-            raise InvalidInput(f"Content-Encoding {encoding!r} is not supported; use gzip or deflate")
+    def _hold(self, call: _Call, size: int) -> None:
+        if self.bodies_held + size > self.max_bodies:
+            raise Unavailable(
+                f"the server is receiving {self.bodies_held >> 20} MiB of request bodies, its limit; retry shortly",
+                {"Retry-After": "1"},
+            )
+        self.bodies_held += size
+        call.held += size
+
+
+class _Call:
+    """One HTTP request being handled: its scope, its receive channel and the body bytes it holds."""
+
+    __slots__ = ("held", "receive", "scope")
+
+    def __init__(self, scope: dict[str, Any], receive: Any) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.held = 0
+
+
+def bound_for(max_elements: int) -> int:
+    return max_elements * JSON_BYTES_PER_ELEMENT + HEADER_ALLOWANCE
+
+
+def _decode(body: bytes, encoding: str | None, limit: int, header_length: int | None) -> InferRequest:
+    """Off the event loop: inflate (capped at `limit`) and decode."""
+    if encoding is not None:
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
         try:
-            out = inflater.decompress(body, self.max_body + 1)
-        except zlib.error as exc:
-            raise InvalidInput(f"body is not valid {encoding}: {exc}") from None
-        if len(out) > self.max_body or inflater.unconsumed_tail:
-            raise TooLarge(f"decompressed body exceeds the limit of {self.max_body} bytes")
-        return out
+            body = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            raise InvalidInput(f"body is not valid {encoding}") from None
+        if len(body) > limit or inflater.unconsumed_tail:
+            raise TooLarge(f"decompressed body exceeds the limit of {limit} bytes for this request")
+    return decode_request(body, header_length)
 
 
 def _require(method: str, expected: str, scope: dict[str, Any]) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import uvicorn
 
 from bedside.dataplane import Dataplane
+from bedside.monitoring import redact
+from bedside.server.connections import protocol_for
 from bedside.server.rest import App
 from bedside.settings import Settings
 from bedside.streams.service import Streams
@@ -41,7 +43,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def serve(repository: Path, settings: Settings) -> None:
     server = settings.server
-    logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact.install(server.log_level)
     runner = asyncio.run
     try:
         import uvloop
@@ -74,15 +76,16 @@ async def _serve(repository: Path, settings: Settings) -> None:
     server = settings.server
     dataplane = Dataplane(repository, settings.limits)
     streams = Streams(dataplane, settings) if settings.streams.enabled else None
-    app = App(dataplane, server.max_body_mb << 20, streams)
+    app = App(dataplane, server, streams)
     http = _HTTPServer(
         uvicorn.Config(
             app,
             host=server.host,
             port=server.http_port,
-            http="httptools",
+            http=protocol_for(server),  # httptools, with read timeouts and bounds (server.connections)
             lifespan="off",  # started and stopped here, beside gRPC
             access_log=False,  # no per-request logging on the hot path
+            log_config=None,  # uvicorn's loggers go through ours, which withholds exception messages
             log_level=server.log_level,
             timeout_keep_alive=int(server.keepalive_s),
             ws_max_size=settings.limits.max_ws_message_kb << 10,

@@ -1,0 +1,68 @@
+"""Log lines without request data or host paths.
+
+An exception's message is where request data leaks into logs: numpy says which value it could not
+convert, ONNX Runtime quotes shapes and names, the `hl7` library quotes the segment it choked on.
+Tracebacks name files by absolute path, which shows the box's layout. So every exception that
+reaches a log here is written as its type and the frames it passed through (module-relative file,
+line, function), never its message; the handler installed by `install` applies that to every
+logger, uvicorn's included.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from types import TracebackType
+from typing import Any
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_ROOTS = ("site-packages/", "dist-packages/", "/src/", "/lib/python")
+
+
+def _relative(filename: str) -> str:
+    """`bedside/server/rest.py` for `/any/where/src/bedside/server/rest.py`; a basename otherwise."""
+    for root in _ROOTS:
+        cut = filename.rfind(root)
+        if cut >= 0:
+            tail = filename[cut + len(root) :]
+            return tail.split("/", 1)[1] if root == "/lib/python" and "/" in tail else tail
+    return filename.rsplit("/", 1)[-1]
+
+
+def _frames(tb: TracebackType | None, limit: int = 12) -> list[str]:
+    return [f"{_relative(f.filename)}:{f.lineno} in {f.name}" for f in traceback.extract_tb(tb)[-limit:]]
+
+
+def describe_exception(exc: BaseException) -> str:
+    """`ValueError at bedside/protocol/codec.py:120 in _decode_input`: the type and where, no message."""
+    frames = _frames(exc.__traceback__, 1)
+    return f"{type(exc).__name__} at {frames[0]}" if frames else type(exc).__name__
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats exceptions as type + frames, without their messages or absolute paths."""
+
+    def formatException(self, ei: Any) -> str:
+        kind, exc, tb = ei
+        if kind is None or exc is None:
+            return ""
+        lines = [f"{kind.__name__} (message withheld: it may carry request data)"]
+        lines += [f"  at {frame}" for frame in _frames(tb)]
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None and not exc.__suppress_context__:
+            lines.append(f"  while handling {type(cause).__name__} at {', '.join(_frames(cause.__traceback__, 1))}")
+        return "\n".join(lines)
+
+    def formatStack(self, stack_info: str) -> str:
+        return "(stack withheld)"
+
+
+def install(level: str) -> None:
+    """Log to stderr through the redacting formatter, for this process's every logger."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter(FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())

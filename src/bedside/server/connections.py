@@ -1,0 +1,181 @@
+"""HTTP connections that a slow or hostile client cannot hold: uvicorn's httptools protocol with
+read timeouts, header bounds and a cap on open connections.
+
+uvicorn only times out a connection that is idle *between* requests. A client that connects and
+sends half a request line, or headers one byte a second, or a body that never ends, would hold a
+connection (and the memory under it) forever; 2,200 of them were all kept open. Here:
+  - the request line and headers must arrive within `header_timeout_s` of the first byte (or of
+    the connection), else 408 and the connection is closed;
+  - the body must arrive within `body_timeout_s` of the headers, else 408;
+  - headers are bounded in bytes and in count (431), so neither 100,000 headers nor one 64 MiB
+    header is buffered;
+  - beyond `max_connections` open at once a new connection gets 503 and is closed.
+Every refusal is a short JSON error with `Connection: close`, never a silent drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from bedside.settings import ServerSettings
+
+log = logging.getLogger("bedside.server")
+
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REASONS[503] = b"Service Unavailable"
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    header_timeout_s: float
+    body_timeout_s: float
+    max_connections: int
+    max_header_bytes: int
+    max_headers: int
+
+    @classmethod
+    def from_settings(cls, server: ServerSettings) -> ConnectionLimits:
+        return cls(
+            server.header_timeout_s,
+            server.body_timeout_s,
+            server.max_connections,
+            server.max_header_kb << 10,
+            server.max_headers,
+        )
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class GuardedHTTPProtocol(HttpToolsProtocol):
+    """One HTTP/1.1 connection; `limits` is set on the subclass `protocol_for` makes."""
+
+    limits: ConnectionLimits
+    refused = 0  # connections and requests refused by the guards, over all connections
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_headers = True
+        self._header_bytes = 0
+        self._closed_by_guard = False
+
+    # --- connection -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        limits = self.limits
+        if len(self.connections) > limits.max_connections:
+            self._refuse(503, f"the server has {limits.max_connections} connections open, its limit; retry shortly")
+            return
+        self._arm(limits.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed_by_guard:
+            return
+        if self._in_headers:
+            self._header_bytes += len(data)
+            if self._timer is None:
+                self._arm(self.limits.header_timeout_s)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            refusal = exc.__context__ if isinstance(exc.__context__, _Refused) else None
+            if refusal is None:
+                self._refuse(400, "malformed HTTP request")
+            else:
+                self._refuse(refusal.status, refusal.reason)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError:
+            self._refuse(400, "malformed HTTP request")
+            return
+        if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
+            self._refuse(431, f"request line and headers exceed {self.limits.max_header_bytes >> 10} KiB")
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()  # the connection is the WebSocket protocol's from here on
+        super().handle_websocket_upgrade()
+
+    # --- parser callbacks -------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= self.limits.max_headers:
+            raise _Refused(431, f"more than {self.limits.max_headers} headers")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        self._arm(self.limits.body_timeout_s)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        self._in_headers = True  # what follows on this connection is the next request's headers
+        self._header_bytes = 0
+        super().on_message_complete()
+
+    # --- guards -----------------------------------------------------------------------------
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._in_headers:
+            self._refuse(408, f"request headers not received within {self.limits.header_timeout_s:g} s")
+        elif self.cycle is not None and self.cycle.response_started:
+            self.transport.close()
+        else:
+            self._refuse(408, f"request body not received within {self.limits.body_timeout_s:g} s")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer `status` with the reason and close; the request (if any) is not run."""
+        type(self).refused += 1
+        self._closed_by_guard = True
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        body = orjson.dumps({"error": reason})
+        head = [
+            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n",
+        ]
+        if status == 503:
+            head.append(b"retry-after: 1\r\n")
+        self.transport.write(b"".join([*head, b"\r\n", body]))
+        self.transport.close()
+
+
+def protocol_for(server: ServerSettings) -> type[GuardedHTTPProtocol]:
+    """The protocol class uvicorn instantiates per connection, bound to these settings."""
+    return type("BedsideHTTPProtocol", (GuardedHTTPProtocol,), {"limits": ConnectionLimits.from_settings(server)})
