@@ -162,10 +162,52 @@ def test_the_tenant_table_stays_bounded_whatever_names_callers_send():
     q = RequestQueue(policy(), max_batch=0, max_tenants=64)
     for i in range(64):
         q.admit(job(f"j{i}", tenant=f"t{i}"), 0)
-        q.done(q.take(0)[0])
-    with pytest.raises(Overloaded, match="distinct tenants"):
-        q.admit(job("one-too-many", tenant="new"), 0)
+    with pytest.raises(Overloaded, match="work in flight for 64 distinct tenants"):
+        q.admit(job("one-too-many", tenant="new"), 0)  # all 64 busy: the table is full
     q.admit(job("known", tenant="t0"), 0)  # tenants already seen keep being served
+
+
+def test_a_flood_of_tenant_names_does_not_lock_out_new_tenants():
+    """Issue 10: after 1,021 one-off tenant names every new tenant, STAT included, got 429 until a
+    reload. Tenants with nothing in flight are forgotten, longest idle first."""
+    q = RequestQueue(policy(), max_batch=0, max_tenants=64)
+    for i in range(1021):
+        q.admit(job(f"j{i}", tenant=f"flood{i}"), 0)
+        q.done(q.take(0)[0])
+    assert len(q._served) <= 64 and len(q.in_flight) <= 64 and len(q._lanes) <= 64 * 4
+    q.admit(job("stat", level=0, tenant="icu"), 0)
+    assert names(q.take(0)[0]) == ["stat"]
+
+
+def test_a_tenant_at_its_quota_sheds_routine_work_before_refusing_stat():
+    """Issue 10: under a flood from one tenant, its STAT requests got 429. The quota now sheds the
+    tenant's newest least urgent queued request to make room for a more urgent one."""
+    q = RequestQueue(policy(tenants={"ward": TenantPolicy(max_in_flight=3)}), max_batch=0)
+    for name in ("r1", "r2", "r3"):
+        assert q.admit(job(name, level=2, tenant="ward"), 0) == []
+    shed = q.admit(job("stat", level=0, tenant="ward"), 0)
+    assert names(shed) == ["r3"]  # the newest routine request goes
+    assert q.in_flight["ward"] == 3 and len(q) == 3
+    assert names(q.take(0)[0]) == ["stat"]
+    # only STAT left to shed for STAT: refused, and nothing was lost on the way
+    q2 = RequestQueue(policy(tenants={"ward": TenantPolicy(max_in_flight=1)}), max_batch=0)
+    q2.admit(job("s1", level=0, tenant="ward"), 0)
+    with pytest.raises(Overloaded, match="already has 1 requests in flight"):
+        q2.admit(job("s2", level=0, tenant="ward"), 0)
+    assert names(q2.take(0)[0]) == ["s1"]
+
+
+def test_shed_work_is_put_back_when_the_urgent_request_is_refused_after_all():
+    stat_full = QueuePolicy(max_queue_size=1)
+    levels = (stat_full, QueuePolicy(), QueuePolicy())
+    q = RequestQueue(policy(levels=levels, tenants={"ward": TenantPolicy(max_in_flight=2)}), max_batch=0)
+    q.admit(job("s0", level=0, tenant="other"), 0)  # the STAT queue is now full
+    q.admit(job("r1", tenant="ward"), 0)
+    q.admit(job("r2", tenant="ward"), 0)
+    with pytest.raises(Overloaded, match="queue for priority 1 is full"):
+        q.admit(job("stat", level=0, tenant="ward"), 0)
+    assert q.in_flight["ward"] == 2 and len(q) == 3
+    assert drain_order(q) == [["s0"], ["r1"], ["r2"]]
 
 
 def test_batches_never_mix_tenants():

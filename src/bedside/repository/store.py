@@ -8,6 +8,7 @@ from bedside.errors import ModelLoadError, NotFound
 from bedside.modelconfig.model import CONFIG_FILE, ModelConfig, load_config
 
 MODEL_FILE = "model.onnx"
+NAME_MAX = 255  # bytes in one file name on Linux file systems
 
 
 class ModelStore:
@@ -20,9 +21,17 @@ class ModelStore:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def folder(self, name: str) -> Path:
+        # A name must never climb out of the repository ("../etc"), nor reach the file system with
+        # what it cannot take (a NUL, more than NAME_MAX bytes: ENAMETOOLONG was a 500).
+        too_long = len(name.encode(errors="replace")) > NAME_MAX
+        if "/" in name or "\\" in name or "\x00" in name or name in ("", ".", "..") or too_long:
+            raise NotFound(f"model {name[:64]!r} is not in the repository")
         path = self.root / name
-        # A name must never climb out of the repository ("../etc").
-        if "/" in name or "\\" in name or name in ("", ".", "..") or not path.is_dir():
+        try:
+            found = path.is_dir()
+        except (OSError, ValueError):
+            found = False
+        if not found:
             raise NotFound(f"model {name[:64]!r} is not in the repository")
         return path
 
@@ -32,7 +41,9 @@ class ModelStore:
 
     def versions(self, name: str) -> list[int]:
         return sorted(
-            int(p.name) for p in self.folder(name).iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+            int(p.name)
+            for p in self.folder(name).iterdir()
+            if p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0
         )
 
     def model_file(self, name: str, version: int) -> Path:

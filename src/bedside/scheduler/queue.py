@@ -12,7 +12,7 @@ the same batch key, so a batch never holds two tenants' data.
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +66,7 @@ class RequestQueue:
         self._waiting_rows = [0] * (self.levels + 1)
         self._with_deadline = 0
         self._served: dict[str, float] = {}
+        self._idle: OrderedDict[str, None] = OrderedDict()  # tenants with nothing in flight, longest idle first
         self._seq = 0
         self._aging = policy.aging_us * 1000
         self._delay = policy.batching.max_queue_delay_us * 1000
@@ -73,21 +74,32 @@ class RequestQueue:
 
     # --- admission ------------------------------------------------------------------------
 
-    def admit(self, job: Job, now: int, timeout_us: int | None = None) -> None:
+    def admit(self, job: Job, now: int, timeout_us: int | None = None) -> list[Job]:
+        """Queue `job`, or raise why not. Returns the requests shed to make room for it: a tenant at
+        its quota loses its least urgent queued work before its STAT work is refused."""
         level_policy = self.policy.levels[job.level]
         tenant_policy = self.policy.tenant(job.tenant)
         in_flight = self.in_flight.get(job.tenant, 0)
+        shed: list[Job] = []
         if in_flight >= tenant_policy.max_in_flight:
+            victim = self._least_urgent(job.tenant, job.level)
+            if victim is None:
+                raise Overloaded(
+                    f"tenant {job.tenant!r} already has {in_flight} requests in flight on this model, "
+                    f"its quota (max_in_flight); retry when some complete",
+                    retry_after(self.exec_ewma_ns),
+                )
+            shed.append(victim)
+            in_flight -= 1
+        if job.tenant not in self._served and len(self._served) >= self.max_tenants and not self._forget_idle():
+            self._requeue(shed)
             raise Overloaded(
-                f"tenant {job.tenant!r} already has {in_flight} requests in flight on this model, "
-                f"its quota (max_in_flight); retry when some complete",
+                f"this model has work in flight for {self.max_tenants} distinct tenants, its limit; "
+                f"tenant {job.tenant!r} is refused until one finishes",
                 retry_after(self.exec_ewma_ns),
             )
-        if job.tenant not in self._served and len(self._served) >= self.max_tenants:
-            raise Overloaded(
-                f"this model already serves {self.max_tenants} distinct tenants; tenant {job.tenant!r} is refused"
-            )
         if self._waiting[job.level] >= level_policy.max_queue_size:
+            self._requeue(shed)
             raise Overloaded(
                 f"queue for priority {job.level + 1} is full ({level_policy.max_queue_size} requests waiting); "
                 "the model is overloaded",
@@ -95,6 +107,7 @@ class RequestQueue:
             )
         if timeout_us is not None and timeout_us > 0:
             if not level_policy.allow_timeout_override:
+                self._requeue(shed)
                 raise InvalidInput(f"priority {job.level + 1} does not take a per-request timeout")
             timeout = timeout_us
         else:
@@ -103,6 +116,7 @@ class RequestQueue:
             job.deadline = now + timeout * 1000
             wait = self.estimate_wait_ns(job.level, job.rows)
             if self.exec_ewma_ns and now + wait > job.deadline:
+                self._requeue(shed)
                 raise DeadlineExceeded(
                     f"request cannot finish within its {timeout / 1000:g} ms deadline: about {wait / 1e6:.1f} ms "
                     f"of work is queued at priority {job.level + 1} or above",
@@ -119,6 +133,8 @@ class RequestQueue:
         self._waiting[job.level] += 1
         self._waiting_rows[job.level] += job.rows
         self.in_flight[job.tenant] = in_flight + 1
+        self._idle.pop(job.tenant, None)
+        return shed
 
     def estimate_wait_ns(self, level: int, rows: int) -> float:
         """Time until a new request at `level` would finish, from the recent cost of one execution."""
@@ -162,7 +178,9 @@ class RequestQueue:
 
     def done(self, jobs: list[Job], exec_ns: int | None = None) -> None:
         for job in jobs:
-            self.in_flight[job.tenant] -= 1
+            left = self.in_flight[job.tenant] = self.in_flight[job.tenant] - 1
+            if not left:
+                self._idle[job.tenant] = None  # newest idle last: the longest idle is forgotten first
         if exec_ns is not None:
             self.exec_ewma_ns = exec_ns if not self.exec_ewma_ns else (1 - _EWMA) * self.exec_ewma_ns + _EWMA * exec_ns
 
@@ -175,6 +193,44 @@ class RequestQueue:
         return sum(self._waiting)
 
     # --- internals --------------------------------------------------------------------------
+
+    def _least_urgent(self, tenant: str, level: int) -> Job | None:
+        """Take out the tenant's newest queued request that is less urgent than `level` (overdue
+        requests first), or None when it has none: what a quota sheds for more urgent work."""
+        for lane_level in range(self.levels, level, -1):
+            lane = self._lanes.get((lane_level, tenant))
+            if lane:
+                victim = lane.pop()
+                self._waiting[lane_level] -= 1
+                self._waiting_rows[lane_level] -= victim.rows
+                if victim.deadline is not None:
+                    self._with_deadline -= 1
+                self.in_flight[tenant] -= 1
+                return victim
+        return None
+
+    def _requeue(self, shed: list[Job]) -> None:
+        """Undo `_least_urgent` when the request it made room for is refused after all."""
+        for job in shed:
+            self._lanes[job.lane].append(job)
+            self._waiting[job.lane[0]] += 1
+            self._waiting_rows[job.lane[0]] += job.rows
+            if job.deadline is not None:
+                self._with_deadline += 1
+            self.in_flight[job.tenant] += 1
+
+    def _forget_idle(self) -> bool:
+        """Forget the tenant idle the longest (nothing queued or running), so the table of tenants
+        stays bounded without refusing newcomers while some tenant has nothing in flight."""
+        if not self._idle:
+            return False
+        tenant = next(iter(self._idle))
+        del self._idle[tenant]
+        del self._served[tenant]
+        self.in_flight.pop(tenant, None)
+        for level in range(self.levels + 1):
+            self._lanes.pop((level, tenant), None)
+        return True
 
     def _effective_level(self, lane_level: int, head: Job, now: int) -> int:
         if lane_level == self.levels or not self._aging:

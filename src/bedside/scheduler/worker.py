@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bedside.errors import BedsideError, DeadlineExceeded, InferenceFailed, NonFiniteOutput, Retired
+from bedside.errors import BedsideError, DeadlineExceeded, InferenceFailed, NonFiniteOutput, Overloaded, Retired
 from bedside.monitoring.latency import ModelStats
 from bedside.protocol.types import CallContext, InferRequest
 from bedside.runtime.session import OnnxModel
@@ -75,10 +75,20 @@ class ModelQueue:
                 raise Retired(f"model {self.model.name!r} v{self.model.version} is being unloaded")
             job.enqueued = self._clock()
             try:
-                self.queue.admit(job, job.enqueued, context.timeout_us)
+                shed = self.queue.admit(job, job.enqueued, context.timeout_us)
             except BedsideError as exc:
                 self.stats.reject(tenant, type(exc).__name__)
                 raise
+            for victim in shed:  # the tenant's routine work, shed at its quota for this more urgent request
+                self.stats.reject(tenant, "Overloaded")
+                _settle_error(
+                    victim.future,
+                    Overloaded(
+                        f"tenant {tenant!r} reached its quota (max_in_flight) and this request was shed for "
+                        f"a more urgent one of the same tenant; retry",
+                        retry_after(self.queue.exec_ewma_ns),
+                    ),
+                )
             if self._notify_all:
                 self._cond.notify_all()
             else:
