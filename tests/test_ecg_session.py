@@ -127,3 +127,27 @@ def test_a_rhythm_alert_carries_no_vitals_fields():
         "reason",
         "degraded",
     }
+
+
+def test_a_chunk_longer_than_the_cap_is_refused_and_the_session_carries_on(tmp_path):
+    """Issue 10: one 8 MiB chunk (~700 s) was classified back to back, 695 windows, holding other
+    beds' windows at 56 ms. A chunk is capped at ecg.max_chunk_s with a clear error."""
+    dataplane = make_dataplane(tmp_path, "site_rhythm", rhythm_config(HOSPITAL_LABELS), 3, favour=2)
+    settings = dataclasses.replace(DEFAULTS.ecg, model="site_rhythm", max_chunk_s=2.0)
+    session = ECGSession(dataplane, settings, "ICU-3", AlertBus(), ECGStats())
+    signal = generate("normal_sinus", 8.0, np.random.default_rng(2))
+    as_bytes = lambda a: np.ascontiguousarray(a.T).astype("<f4").tobytes()  # noqa: E731
+
+    async def go() -> list[int]:
+        with pytest.raises(ChunkError, match=r"holds 8 s of ECG; at most 2 s"):
+            await session.push(as_bytes(signal))
+        assert session.windows.samples == 0  # nothing of the refused chunk was kept
+        ends = []
+        for start in range(0, signal.shape[1], 500):  # the same ECG in 2 s chunks is taken
+            ends += [r.sample_end for r in await session.push(as_bytes(signal[:, start : start + 500]))]
+        return ends
+
+    try:
+        assert asyncio.run(go()) == [1250, 1500, 1750, 2000]
+    finally:
+        dataplane.close()

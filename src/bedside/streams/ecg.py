@@ -24,7 +24,7 @@ from bedside.dataplane import CallContext, Dataplane, ModelContract
 from bedside.errors import BedsideError, Unavailable
 from bedside.monitoring.latency import LatencyWindow
 from bedside.protocol.types import InferRequest
-from bedside.settings import ECGSettings
+from bedside.settings import DEFAULTS, ECGSettings
 
 WINDOW = 5 * FS
 HOP = FS
@@ -35,7 +35,14 @@ class ChunkError(ValueError):
     pass
 
 
-def decode_chunk(data: bytes) -> np.ndarray:
+def decode_chunk(data: bytes, max_seconds: float = DEFAULTS.ecg.max_chunk_s) -> np.ndarray:
+    """[n, 12] samples of one chunk. A chunk is bounded in time: 700 s sent at once were classified
+    back to back (695 windows) and held every other bed's window latency at 56 ms."""
+    if len(data) > int(max_seconds * FS) * 4 * len(LEADS):
+        raise ChunkError(
+            f"a chunk holds {len(data) // (4 * len(LEADS)) / FS:g} s of ECG; at most {max_seconds:g} s "
+            "(ecg.max_chunk_s): send the stream as it is recorded"
+        )
     if len(data) == 0 or len(data) % (4 * len(LEADS)):
         raise ChunkError(
             f"a chunk must hold float32 samples for {len(LEADS)} leads "
@@ -144,7 +151,7 @@ class ECGSession:
         """Take one chunk; return a result for every window it completes. Raises ChunkError for a
         chunk that is not [n, 12] finite float32 samples (the session carries on)."""
         results = []
-        for end, window in self.windows.push(decode_chunk(data)):
+        for end, window in self.windows.push(decode_chunk(data, self.settings.max_chunk_s)):
             result = await self.classify(end, window)
             self.stats.record(result.latency_ms)
             alert = self.policy.decide(
