@@ -62,13 +62,13 @@ class Server:
         return Client(self.url)
 
 
-def start_server(repo: Path, log: Path, *extra: str) -> Server:
+def start_server(repo: Path, log: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
     port = free_port()
     if "--mllp-port" not in extra:
         extra = (*extra, "--mllp-port", "-1")  # tests run side by side: no shared default port
     if "--grpc-port" not in extra:
         extra = (*extra, "--grpc-port", "-1")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     # each server its own journal and key: tests must not restore each other's beds
     env.setdefault("BEDSIDE_STREAMS_STATE_DIR", str(log.parent / f"state-{port}"))
     with log.open("wb") as out:

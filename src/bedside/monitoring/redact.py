@@ -34,9 +34,14 @@ def _frames(tb: TracebackType | None, limit: int = 12) -> list[str]:
 
 
 def describe_exception(exc: BaseException) -> str:
-    """`ValueError at bedside/protocol/codec.py:120 in _decode_input`: the type and where, no message."""
-    frames = _frames(exc.__traceback__, 1)
-    return f"{type(exc).__name__} at {frames[0]}" if frames else type(exc).__name__
+    """`ValueError at bedside/protocol/codec.py:120 in _decode_input`: the type and where (the
+    innermost frame, and the innermost of bedside's own when that is elsewhere), no message."""
+    frames = _frames(exc.__traceback__, 64)
+    if not frames:
+        return type(exc).__name__
+    ours = [f for f in frames if f.startswith("bedside/")]
+    where = frames[-1] if not ours or ours[-1] == frames[-1] else f"{frames[-1]} from {ours[-1]}"
+    return f"{type(exc).__name__} at {where}"
 
 
 class RedactingFormatter(logging.Formatter):

@@ -29,7 +29,7 @@ from bedside.streams.service import Streams
 log = logging.getLogger("bedside.server")
 
 _JSON = [(b"content-type", b"application/json")]
-JSON_BYTES_PER_ELEMENT = 32  # "-1.2345678901234567e-308, " with room for brackets and spaces
+JSON_BYTES_PER_ELEMENT = 64  # "-1.2345678901234567e-308, " pretty-printed, one per line, with room
 HEADER_ALLOWANCE = 64 << 10  # names, shapes, parameters, id of a request
 SMALL_BODY = 64 << 10
 CONTROL_BODY = 64 << 10  # repository calls take an optional small JSON object
@@ -234,7 +234,8 @@ class App:
     def _hold(self, call: _Call, size: int) -> None:
         if self.bodies_held + size > self.max_bodies:
             raise Unavailable(
-                f"the server is receiving {self.bodies_held >> 20} MiB of request bodies, its limit; retry shortly",
+                f"the server is receiving {self.bodies_held / (1 << 20):.1f} MiB of request bodies and this one "
+                f"would pass the limit of {self.max_bodies >> 20} MiB (server.max_bodies_mb); retry shortly",
                 {"Retry-After": "1"},
             )
         self.bodies_held += size
