@@ -143,7 +143,8 @@ def test_serve_runs_the_server_with_the_built_settings_and_reports_startup_error
     assert (settings.server.grpc_port, settings.server.http_port) == (9101, 8100)
     assert settings.streams.mllp_port == -1 and settings.ecg.budget_ms == 8.0
     lines = result.output.strip().splitlines()
-    assert lines[0] == f"bedside serving {tmp_path} on http://127.0.0.1:8100/v2, gRPC on 127.0.0.1:9101"
+    served = f"bedside serving repository {tmp_path.name!r} on http://127.0.0.1:8100/v2, gRPC on 127.0.0.1:9101"
+    assert lines[0] == served
     assert lines[1] == "bedside cannot start: gRPC: [Errno 98] address already in use" and len(lines) == 2
 
 
@@ -154,8 +155,8 @@ def test_the_served_line_names_only_what_runs():
         "alerts as HL7 to pager:2576"
     )
     off = DEFAULTS.replace({"streams.enabled": False, "server.host": "::1"})
-    assert describe(off, Path("repo")) == (
-        "bedside serving repo on http://[::1]:8000/v2, gRPC on [::1]:8001, streams off"
+    assert describe(off, Path("/srv/hospital/repo")) == (  # the folder's name only: no host paths in logs
+        "bedside serving repository 'repo' on http://[::1]:8000/v2, gRPC on [::1]:8001, streams off"
     )
 
 

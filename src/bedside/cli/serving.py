@@ -85,7 +85,8 @@ def _netloc(host: str, port: int) -> str:
 def describe(settings: Settings, repository: Path | None) -> str:
     """One line: what is served where. Names no path but the repository the user gave."""
     server, streams = settings.server, settings.streams
-    where = str(repository) if repository is not None else "the demo repository"
+    # the folder's name, not its path: this line lands in the system log (no host paths there)
+    where = f"repository {repository.name!r}" if repository is not None else "the demo repository"
     parts = [f"bedside serving {where} on http://{_netloc(server.host, server.http_port)}/v2"]
     if server.grpc_port >= 0:
         parts.append(f"gRPC on {_netloc(server.host, server.grpc_port)}")

@@ -11,12 +11,22 @@ logger, uvicorn's included.
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 from types import TracebackType
 from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _ROOTS = ("site-packages/", "dist-packages/", "/src/", "/lib/python")
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\":]+/)+([^\s/'\":]+)")
+
+
+def without_paths(text: str) -> str:
+    """A library's message with every absolute path cut to its file name: ONNX Runtime says
+    "Load model from /srv/.../model.onnx failed", which shows where the repository lives."""
+    return _ABSOLUTE_PATH.sub(r"\1", text)
 
 
 def _relative(filename: str) -> str:

@@ -11,6 +11,7 @@ import onnxruntime as ort
 from bedside.errors import ModelLoadError
 from bedside.modelconfig.graph import GraphTensor
 from bedside.modelconfig.model import ModelConfig
+from bedside.monitoring.redact import without_paths
 from bedside.protocol.datatypes import ORT_TO_OIP, numpy_dtype
 from bedside.runtime import providers
 
@@ -49,7 +50,7 @@ def open_session(path: Path, threads: int, preference: tuple[str, ...], instance
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers.choose(preference))
     except Exception as exc:  # ORT raises several types for corrupt or unsupported graphs
-        raise ModelLoadError(f"ONNX Runtime cannot load {path.name}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"ONNX Runtime cannot load {path.name}: {without_paths(_first_line(exc))}") from None
 
 
 def _auto_threads(path: Path, instances: int) -> int:
