@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import math
+import os
 from typing import Any
 from urllib.parse import quote
 
@@ -142,7 +143,11 @@ def _send(conn: http.client.HTTPConnection, method: str, path: str, body: bytes,
         assert b"/tmp/" not in payload and b"/home/" not in payload  # no host paths in errors
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "400")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     model=st.one_of(st.sampled_from(MODELS), st.text(max_size=12)),
     version=versions,

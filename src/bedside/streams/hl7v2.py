@@ -1,21 +1,33 @@
-"""HL7v2 ORU^R01 observation messages from patient monitors, parsed with the `hl7` library, and the
-ACK / NAK each message is answered with.
+"""HL7v2 ORU^R01 observation messages from patient monitors, and the ACK / NAK each one gets.
 
 Observations are recognised by LOINC or IEEE 11073 MDC codes (OBX-3), or a plain mnemonic where a
-monitor sends one. Unknown codes are ignored (counted), not guessed. A message that cannot be read
-gets a NAK naming the problem; it never takes the listener down.
+monitor sends one. Unknown codes are ignored (counted), not guessed. What is valid in a message is
+stored: an observation that cannot be used (no value, not a number, implausible, stamped outside
+the accepted time range) is left out and named in an ERR (severity W) of the AA; only a message
+with nothing usable is refused (AE) with the reasons. A message never takes the listener down:
+every problem with hostile input is an HL7Error, with its HL7 table 0357 code for ERR-3.
+
+The text is split here rather than by the `hl7` library: reading only what is used (MSH, PID, PV1,
+OBR-7, OBX) is several times faster, and separators, escapes and repetitions are handled exactly.
 """
 
 from __future__ import annotations
 
-import hashlib
+import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
 
-import hl7
+from bedside.streams.hl7ack import MAX_TEXT, VERSION, Encoding, Problem, ack, clean, header, unescape
+from bedside.streams.identity import pseudonym
 
-# observation code -> (vital, unit conversion). Temperatures in degrees F are converted.
+if TYPE_CHECKING:
+    from bedside.settings import StreamsSettings
+
+# observation code -> vital sign
 CODES: dict[str, str] = {
     # heart / pulse rate
     "8867-4": "heart_rate",
@@ -91,13 +103,37 @@ PLAUSIBLE = {  # physiologically possible ranges: values outside are device erro
 }
 
 
-class HL7Error(Exception):
-    """A message that cannot be accepted; `code` is the MSA-1 answer: AR (reject) or AE (error)."""
+SKIPPED_STATUS = {"D", "I", "N", "O", "W", "X"}  # OBX-11: deleted, pending, not asked, order, wrong, no result
+LEVELS = {  # level of consciousness (ACVPU): the letters and the words monitors send
+    **{c: c for c in "ACVPU"},
+    **{"ALERT": "A", "CONFUSED": "C", "CONFUSION": "C", "NEW CONFUSION": "C", "VOICE": "V", "VERBAL": "V"},
+    **{"PAIN": "P", "UNRESPONSIVE": "U"},
+}
+YES, NO = {"Y", "YES", "1", "TRUE", "T"}, {"N", "NO", "0", "FALSE", "F"}
+FAHRENHEIT, CELSIUS = {"DEGF", "[DEGF]", "F", "°F"}, {"CEL", "DEGC", "[DEGC]", "C", "°C"}
+MAX_BED = 64
 
-    def __init__(self, message: str, code: str = "AE", control_id: str = "") -> None:
+# HL7 NM: an optional sign, ASCII digits, an optional decimal point; no exponent, nan, inf or spaces
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)", re.ASCII)
+# HL7 DTM to the minute at least: YYYYMMDDHHMM[SS[.S[S[S[S]]]]][+/-ZZZZ]
+_TIME = re.compile(
+    r"([0-9]{4})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})(?:([0-9]{2})(?:\.([0-9]{1,4}))?)?([+-][0-9]{4})?"
+)
+
+
+class HL7Error(Exception):
+    """A message that cannot be accepted. `code` is the MSA-1 answer, AR (reject) or AE (error);
+    `error` the HL7 table 0357 code for ERR-3 (207, application internal error, unless the message is
+    at fault); `problems` the refused observations, one ERR each, when a message had nothing usable."""
+
+    def __init__(
+        self, message: str, code: str = "AE", control_id: str = "", error: str = "207", problems: Sequence[str] = ()
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.control_id = control_id
+        self.error = error
+        self.problems = list(problems)
 
 
 @dataclass
@@ -132,136 +168,221 @@ class HL7Policy:
 DEFAULT_POLICY = HL7Policy()
 
 
-def _field(segment: hl7.Segment, index: int) -> str:
+def policy_from_settings(streams: StreamsSettings, bed_key: bytes) -> HL7Policy:
+    """The policy the streams settings ask for; ValueError naming the setting for an unknown zone."""
+    name = streams.monitor_timezone.strip()
+    zone: tzinfo
+    if name.upper() == "UTC":
+        zone = UTC
+    else:
+        try:
+            zone = ZoneInfo(name)
+        except (KeyError, ValueError, OSError):  # not found, not a zone name, a folder of zones
+            raise ValueError(
+                f"streams.monitor_timezone: unknown time zone {name[:60]!r}; use UTC or an IANA name "
+                "such as Europe/Berlin"
+            ) from None
+    return HL7Policy(zone, bed_key, streams.max_observation_age_s, streams.max_clock_skew_s)
+
+
+class _Refused(Exception):
+    """One observation that cannot be used; `late` is how far its time is behind now (< 0: ahead)."""
+
+    def __init__(self, error: str, reason: str, field: int, late: float = 0.0) -> None:
+        super().__init__(reason)
+        self.error, self.reason, self.field, self.late = error, reason, field, late
+
+
+def _quote(text: str, limit: int = 24) -> str:
+    return repr(clean(text[:limit]) + ("..." if len(text) > limit else ""))
+
+
+def _span(seconds: float) -> str:
+    seconds = abs(seconds)
+    if seconds >= 7200:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _get(fields: list[str], n: int) -> str:
+    return fields[n] if n < len(fields) else ""
+
+
+def _components(text: str, enc: Encoding) -> list[str]:
+    """The components of a field's first repetition, escape sequences decoded, control characters dropped."""
+    return [clean(unescape(c, enc)).strip() for c in text.split(enc.repetition, 1)[0].split(enc.component)]
+
+
+def _hl7_time(text: str, zone: tzinfo) -> float | None:
+    """HL7 DTM as unix seconds: the offset when one is given, else `zone`; None when it is not a time."""
+    match = _TIME.fullmatch(text.strip(" "))
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
     try:
-        return str(segment[index]).strip()
-    except (IndexError, KeyError):
-        return ""
-
-
-def _component(segment: hl7.Segment, index: int, component: int) -> str:
-    try:
-        return str(segment[index][0][component]).strip()
-    except (IndexError, KeyError, TypeError):
-        return ""
-
-
-def _hl7_time(text: str, default: float) -> float:
-    """HL7 DTM (YYYYMMDD[HHMM[SS[.S]]][+/-ZZZZ]) as unix seconds, UTC when no offset is given.
-    Integer slicing rather than strptime: this runs for every observation on the event loop."""
-    digits = text.split("+")[0].split("-")[0].split(".")[0]
-    if len(digits) < 8 or not digits.isdigit():
-        return default
-    try:
+        if offset:
+            zone = timezone(int(offset[0] + "1") * timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5])))
         stamp = datetime(
-            int(digits[0:4]),
-            int(digits[4:6]),
-            int(digits[6:8]),
-            int(digits[8:10] or 0),
-            int(digits[10:12] or 0),
-            int(digits[12:14] or 0),
-            tzinfo=UTC,
+            int(year), int(month), int(day), int(hour), int(minute), min(int(second or 0), 59), tzinfo=zone
         )
-    except ValueError:
-        return default
-    return stamp.timestamp()
+        return stamp.timestamp() + (float("0." + fraction) if fraction else 0.0)
+    except (ValueError, OverflowError):  # 2026-02-30, an offset of a day or more, beyond year 1..9999
+        return None
+
+
+def _value(vital: str, raw: str, unit: str, enc: Encoding) -> float | str | bool:
+    text = raw.strip(" ")
+    if not text:
+        raise _Refused("101", "no value (OBX-5)", 5)
+    if vital == "consciousness":
+        parts = _components(text, enc)
+        level = LEVELS.get(parts[0].upper()) or (LEVELS.get(parts[1].upper()) if len(parts) > 1 else None)
+        if level is None:
+            raise _Refused("103", f"level of consciousness {_quote(text)} is not one of A, C, V, P, U", 5)
+        return level
+    if vital == "on_oxygen":
+        flag = _components(text, enc)[0].upper()
+        if flag not in YES and flag not in NO:
+            raise _Refused("103", f"supplemental oxygen {_quote(text)} is not Y or N", 5)
+        return flag in YES
+    if len(text) > 32 or not _NUMBER.fullmatch(text):
+        raise _Refused("102", f"value {_quote(text)} is not a number", 5)
+    value = float(text)
+    unit = unit.upper()
+    if vital == "temperature" and (unit in FAHRENHEIT or (unit not in CELSIUS and value > 50)):
+        value = (value - 32) * 5 / 9
+    low, high = PLAUSIBLE[vital]
+    if not low <= value <= high:
+        raise _Refused("102", f"{value:.4g} is outside the physiological range {low}-{high}", 5)
+    return value
+
+
+def _when(times: dict[str, float | None], stamps: tuple[tuple[str, str], ...], now: float, policy: HL7Policy) -> float:
+    """The observation's time: the first of OBX-14, OBR-7, MSH-7 that is given (else now), in range."""
+    when = now
+    for name, text in stamps:
+        if text.strip(" "):
+            if text not in times:
+                times[text] = _hl7_time(text, policy.zone)
+            found = times[text]
+            if found is None:
+                raise _Refused("102", f"{name} {_quote(text)} is not an HL7 time (YYYYMMDDHHMM[SS][+/-ZZZZ])", 14)
+            when = found
+            break
+    check = "check the monitor's clock or streams.monitor_timezone"
+    if when > now + policy.max_skew_s:
+        ahead = f"time is {_span(when - now)} ahead of this box's clock (limit {_span(policy.max_skew_s)})"
+        raise _Refused("102", f"{ahead}; {check}", 14, now - when)
+    if when < now - policy.max_age_s:
+        behind = f"time is {_span(now - when)} behind this box's clock (limit {_span(policy.max_age_s)})"
+        raise _Refused("102", f"{behind}; {check}", 14, now - when)
+    return when
+
+
+def _summary(refused: list[str], lateness: list[float]) -> str:
+    hint = "if the monitor sends local time, set streams.monitor_timezone"
+    if all(late > 0 for late in lateness):
+        return f"observation times are {_span(min(lateness))} behind this box's clock; {hint}"
+    if all(late < 0 for late in lateness):
+        ahead = f"observation times are {_span(max(lateness))} ahead of this box's clock"
+        return f"{ahead}; check the monitor's clock, or {hint}"
+    more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+    return f"no usable observation: {refused[0]}"[: MAX_TEXT - len(more)] + more
 
 
 def parse_oru(raw: str, now: float | None = None, policy: HL7Policy = DEFAULT_POLICY) -> VitalsMessage:
     now = time.time() if now is None else now
-    text = raw.replace("\r\n", "\r").replace("\n", "\r").strip("\r\x00 ")
-    if not text.startswith("MSH"):
-        raise HL7Error("message does not start with an MSH segment", "AR")
-    try:
-        message = hl7.parse(text)
-        msh = message.segment("MSH")
-    except Exception as exc:  # the hl7 library raises several types on malformed input
-        raise HL7Error(f"unreadable HL7: {str(exc)[:200]}", "AR") from None
-    control_id = _field(msh, 10)
-    message_type = _component(msh, 9, 0) or _field(msh, 9)
-    trigger = _component(msh, 9, 1)
-    if message_type != "ORU" or (trigger and trigger != "R01"):
-        raise HL7Error(f"message type {message_type}^{trigger} is not ORU^R01", "AR", control_id)
-    bed = ""
-    try:
-        pv1 = message.segment("PV1")
-        bed = "-".join(p for p in (_component(pv1, 3, 0), _component(pv1, 3, 1), _component(pv1, 3, 2)) if p)
-    except KeyError:
-        pass
+    head = header(raw)
+    if not head.segment.startswith("MSH"):
+        raise HL7Error("message does not start with an MSH segment", "AR", error="100")
+    enc = head.enc
+    if enc is None:
+        raise HL7Error("the separators in MSH-1 and MSH-2 are missing or unusable", "AR", error="102")
+    control_id = head.control_id
+
+    def refuse(reason: str, error: str, code: str = "AE", problems: Sequence[str] = ()) -> HL7Error:
+        return HL7Error(reason, code, control_id, error, problems)
+
+    kind = [*_components(head.get(9), enc), ""]
+    if kind[0] != "ORU" or kind[1] not in ("", "R01"):
+        error = "200" if kind[0] != "ORU" else "201"
+        raise refuse(f"message type {kind[0][:8]}^{kind[1][:8]} is not ORU^R01", error, "AR")
+    version = _components(head.get(12), enc)[0]
+    if version and not VERSION.fullmatch(version):
+        raise refuse(f"HL7 version {_quote(version, 12)} is not supported (2.x)", "203", "AR")
+    segments = raw.replace("\r\n", "\r").replace("\n", "\r").strip("\r\x00 ").split("\r")[1:]
+    fs = enc.field
+    pid: list[str] = []
+    pv1: list[str] = []
+    obr_time = ""
+    results: list[tuple[list[str], str]] = []
+    for segment in segments:
+        name = segment[:3]
+        if segment[3:4] not in ("", fs) or name not in ("OBX", "OBR", "PID", "PV1", "MSH"):
+            continue  # other segments (NTE, ORC, Z-segments) are not used
+        fields = segment.split(fs)
+        if name == "OBX":
+            results.append((fields, obr_time))
+        elif name == "OBR":
+            obr_time = _get(fields, 7)
+        elif name == "MSH":
+            raise refuse("more than one message (MSH) in one frame; send one ORU^R01 per frame", "100", "AR")
+        elif (name == "PID" and pid) or (name == "PV1" and pv1):
+            raise refuse("more than one patient (PID/PV1) in one message; send one ORU^R01 per bed", "100")
+        elif name == "PID":
+            pid = fields
+        else:
+            pv1 = fields
+    bed = "-".join(p for p in _components(_get(pv1, 3), enc)[:3] if p)
+    if len(bed) > MAX_BED:
+        raise refuse(f"bed (PV1-3) is longer than {MAX_BED} characters", "102")
     if not bed:
-        try:
-            mrn = _component(message.segment("PID"), 3, 0)
-        except KeyError:
-            mrn = ""
-        # keyed by a digest, so the record number never travels with scores and alerts
-        bed = "patient-" + hashlib.sha256(mrn.encode()).hexdigest()[:12] if mrn else ""
-    if not bed:
-        raise HL7Error("no bed (PV1-3) or patient identifier (PID-3) to attach the observations to", "AE", control_id)
-    default_time = _hl7_time(_field(msh, 7), now)
-    out = VitalsMessage(control_id, bed, sending_application=_field(msh, 3), sending_facility=_field(msh, 4))
-    try:
-        segments = message.segments("OBX")
-    except KeyError:
-        raise HL7Error("ORU^R01 without any OBX observation", "AE", control_id) from None
-    for obx in segments:
-        code = _component(obx, 3, 0).upper() or _field(obx, 3).upper()
-        vital = CODES.get(code) or CODES.get(_component(obx, 3, 1).upper())
-        status = _field(obx, 11).upper()
-        if vital is None or status in ("X", "D", "W"):  # unknown code; cannot be obtained / deleted / wrong
+        mrn = _components(_get(pid, 3), enc)[0]
+        if not mrn:
+            raise refuse("no bed (PV1-3) or patient identifier (PID-3) to attach the observations to", "101")
+        if not policy.bed_key:
+            raise refuse("no bed (PV1-3); naming a bed after the patient identifier needs this box's key", "101")
+        bed = "patient-" + pseudonym(policy.bed_key, mrn)  # keyed: the record number cannot be recovered
+    if not results:
+        raise refuse("ORU^R01 without any OBX observation", "100")
+    application, facility = (clean(unescape(head.get(n), enc))[:MAX_BED] for n in (3, 4))
+    out = VitalsMessage(control_id, bed, sending_application=application, sending_facility=facility)
+    msh_time = head.get(7)
+    times: dict[str, float | None] = {}
+    refused: list[str] = []
+    lateness: list[float] = []
+    for position, (obx, result_time) in enumerate(results, 1):
+        code = [*_components(_get(obx, 3), enc), ""]
+        vital = CODES.get(code[0].upper()) or CODES.get(code[1].upper())
+        if vital is None or _get(obx, 11).strip(" ").upper() in SKIPPED_STATUS:
             out.ignored += 1
             continue
-        value_text = _field(obx, 5)
-        when = _hl7_time(_field(obx, 14), default_time)
-        out.observations.append(Observation(vital, _value(vital, value_text, _component(obx, 6, 0), control_id), when))
+        try:
+            value = _value(vital, _get(obx, 5), _components(_get(obx, 6), enc)[0], enc)
+            stamps = (("OBX-14", _get(obx, 14)), ("OBR-7", result_time), ("MSH-7", msh_time))
+            when = _when(times, stamps, now, policy)
+        except _Refused as why:
+            refused.append(
+                Problem(f"OBX {position} {vital}: {why.reason}"[:MAX_TEXT], why.error, ("OBX", position, why.field))
+            )
+            lateness.append(why.late)
+            continue
+        out.observations.append(Observation(vital, value, when))
     if not out.observations:
-        raise HL7Error(f"none of the {out.ignored} observations has a code bedside uses (LOINC, MDC)", "AE", control_id)
+        if refused:
+            raise refuse(_summary(refused, lateness), getattr(refused[0], "error", "102"), problems=refused)
+        raise refuse(f"none of the {out.ignored} observations has a code bedside uses (LOINC, MDC)", "103")
+    out.warnings = refused
     return out
 
 
-def _value(vital: str, text: str, unit: str, control_id: str) -> float | str | bool:
-    if vital == "consciousness":
-        level = text.strip().upper()[:1]
-        if level not in ("A", "C", "V", "P", "U"):
-            raise HL7Error(f"level of consciousness {text!r} is not one of A, C, V, P, U", "AE", control_id)
-        return level
-    if vital == "on_oxygen":
-        return text.strip().upper() in ("Y", "YES", "1", "TRUE")
-    try:
-        value = float(text)
-    except ValueError:
-        raise HL7Error(f"{vital} value {text!r} is not a number", "AE", control_id) from None
-    if vital == "temperature" and (unit.upper() in ("DEGF", "[DEGF]", "F") or value > 50):
-        value = (value - 32) * 5 / 9
-    low, high = PLAUSIBLE[vital]
-    if not low <= value <= high:
-        raise HL7Error(f"{vital} {value:g} is outside the physiological range {low}-{high}", "AE", control_id)
-    return value
-
-
 def accepted_ack(raw: str, message: VitalsMessage) -> str:
-    """The AA for a stored message, with what was left out of it."""
-    note = f"{message.ignored} observations with unused codes ignored" if message.ignored else ""
-    return ack(raw, "AA", note, message.control_id)
+    """The AA for a stored message, with an ERR (severity W) for each observation left out of it."""
+    notes = [f"{len(message.warnings)} observations refused"] if message.warnings else []
+    notes += [f"{message.ignored} observations with unused codes ignored"] if message.ignored else []
+    return ack(raw, "AA", "; ".join(notes), message.control_id, message.warnings, "W")
 
 
-def ack(raw: str, code: str = "AA", text: str = "", control_id: str = "") -> str:
-    """The acknowledgement for `raw`: MSH with sender and receiver swapped, MSA with the code."""
-    fields = ["", "", "", "", "", ""]
-    try:
-        msh_line = raw.replace("\n", "\r").split("\r")[0]
-        if msh_line.startswith("MSH") and len(msh_line) > 4:
-            sep = msh_line[3]
-            fields = msh_line.split(sep) + [""] * 12
-    except Exception:
-        pass
-    control_id = control_id or (fields[9] if len(fields) > 9 else "")
-    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-    version = fields[11] if len(fields) > 11 and fields[11] else "2.5"
-    clean = text.replace("|", "/").replace("\r", " ").replace("\n", " ")[:200]
-    receiving_facility = fields[5] if len(fields) > 5 else ""
-    msh = f"MSH|^~\\&|BEDSIDE|{receiving_facility}|{fields[2]}|{fields[3]}|{stamp}||ACK^R01|ACK{stamp}|P|{version}"
-    msa = f"MSA|{code}|{control_id}" + (f"|{clean}" if clean else "")
-    segments = [msh, msa]
-    if code != "AA":
-        segments.append(f"ERR|||{'207' if code == 'AE' else '200'}|E|||{clean}")
-    return "\r".join(segments) + "\r"
+def nak(raw: str, error: HL7Error) -> str:
+    """The AE / AR for a message refused with `error`: an ERR for each reason, with its 0357 code."""
+    return ack(raw, error.code, str(error), error.control_id, error.problems, "E", error.error)

@@ -20,22 +20,50 @@ def box_key(folder: Path) -> bytes:
     try:
         key = path.read_bytes()
     except FileNotFoundError:
-        key = secrets.token_bytes(KEY_BYTES)
-        # O_EXCL: two processes starting together agree on one key (the loser reads the winner's)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return box_key(folder)
-        with os.fdopen(fd, "wb") as out:
-            out.write(key)
-            out.flush()
-            os.fsync(out.fileno())
-        return key
+        _create(path)
+        key = path.read_bytes()  # ours, or the one another process made first
     if len(key) != KEY_BYTES:
         raise OSError(f"the box key in the state folder is damaged ({len(key)} bytes, not {KEY_BYTES})")
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)  # copied in with a careless mode: only this user may read it
     return key
+
+
+def _create(path: Path) -> None:
+    """Write a new key beside `path`, then link it into place: the key appears whole or not at all,
+    so a process starting at the same moment never reads a half-written one (and the first wins)."""
+    key = secrets.token_bytes(KEY_BYTES)
+    spare = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        _write(spare, key)
+        try:
+            os.link(spare, path)
+        except FileExistsError:
+            return
+        except OSError:  # a file system without hard links: create it in place, exclusively
+            try:
+                _write(path, key)
+            except FileExistsError:
+                return
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    finally:
+        spare.unlink(missing_ok=True)
+
+
+def _write(path: Path, key: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def pseudonym(key: bytes, identifier: str, length: int = 16) -> str:
     """A keyed digest of `identifier`: stable on this box, not reversible without the key."""
-    return hmac.new(key, identifier.encode("utf-8"), hashlib.sha256).hexdigest()[:length]
+    if not key:
+        raise ValueError("a pseudonym needs this box's key: without one it is an unsalted hash anyone can reverse")
+    return hmac.new(key, identifier.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:length]
