@@ -4,9 +4,9 @@ read timeouts, header bounds and a cap on open connections.
 uvicorn only times out a connection that is idle *between* requests. A client that connects and
 sends half a request line, or headers one byte a second, or a body that never ends, would hold a
 connection (and the memory under it) forever; 2,200 of them were all kept open. Here:
-  - the request line and headers must arrive within `header_timeout_s` of the first byte (or of
-    the connection), else 408 and the connection is closed;
-  - the body must arrive within `body_timeout_s` of the headers, else 408;
+  - the request line and headers must arrive within `header_timeout_s` of the connection, or of
+    the first read that left them incomplete, else 408 and the connection is closed;
+  - the body must arrive within `body_timeout_s` of the first read that left it incomplete, else 408;
   - headers are bounded in bytes and in count (431), so neither 100,000 headers nor one 64 MiB
     header is buffered;
   - beyond `max_connections` open at once a new connection gets 503 and is closed.
@@ -69,6 +69,7 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._in_headers = True
         self._header_bytes = 0
+        self._message_done = True
         self._closed_by_guard = False
 
     # --- connection -------------------------------------------------------------------------
@@ -90,8 +91,6 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
             return
         if self._in_headers:
             self._header_bytes += len(data)
-            if self._timer is None:
-                self._arm(self.limits.header_timeout_s)
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -113,6 +112,10 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
             return
         if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
             self._refuse(431, f"request line and headers exceed {self.limits.max_header_bytes >> 10} KiB")
+        elif self._timer is None and (self._header_bytes if self._in_headers else not self._message_done):
+            # part of a request is still to come: from now on it has a deadline. A request that
+            # arrived whole (the usual case) never arms a timer, so the guard costs no timer churn.
+            self._arm(self.limits.header_timeout_s if self._in_headers else self.limits.body_timeout_s)
 
     def handle_websocket_upgrade(self) -> None:
         self._disarm()  # the connection is the WebSocket protocol's from here on
@@ -126,14 +129,16 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._disarm()
         self._in_headers = False
-        self._arm(self.limits.body_timeout_s)
+        self._message_done = False
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._disarm()
         self._in_headers = True  # what follows on this connection is the next request's headers
         self._header_bytes = 0
+        self._message_done = True
         super().on_message_complete()
 
     # --- guards -----------------------------------------------------------------------------
