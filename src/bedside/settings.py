@@ -61,7 +61,9 @@ class ServerSettings:
     body_timeout_s: float = _opt(
         60.0, "a request body must arrive within this after its headers (slower: 408)", 0.1, 3600
     )
-    max_connections: int = _opt(1024, "HTTP connections open at once; more are answered 503 and closed", 1, 10**6)
+    max_connections: int = _opt(
+        1024, "HTTP connections (and gRPC calls) open at once; more: 503 and closed (RESOURCE_EXHAUSTED)", 1, 10**6
+    )
     max_header_kb: int = _opt(64, "request line and headers together, KiB (larger: 431)", 1, 1024)
     max_headers: int = _opt(100, "headers in one request (more: 431)", 1, 10_000)
     max_bodies_mb: int = _opt(

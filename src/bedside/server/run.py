@@ -108,7 +108,12 @@ async def _serve(repository: Path, settings: Settings) -> None:
 
             try:
                 grpc_server = await start_grpc_server(
-                    dataplane, server.host, server.grpc_port, server.max_body_mb << 20
+                    dataplane,
+                    server.host,
+                    server.grpc_port,
+                    server.max_body_mb << 20,
+                    server.keepalive_s,
+                    server.max_connections,
                 )
             except OSError as exc:
                 raise StartupError(f"gRPC: {exc}") from None

@@ -40,6 +40,7 @@ from bedside.errors import (
 )
 from bedside.server.grpc import codec
 from bedside.server.grpc import oip_pb2 as pb
+from bedside.settings import DEFAULTS
 
 SERVICE = "inference.GRPCInferenceService"
 INTERNAL_MESSAGE = "internal server error; see the server log"
@@ -240,16 +241,27 @@ def _guard(method: str, behaviour: Handler) -> Handler:
     return handle
 
 
-async def start_grpc_server(dataplane: Dataplane, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
+async def start_grpc_server(
+    dataplane: Dataplane,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    idle_s: float = DEFAULTS.server.keepalive_s,
+    max_calls: int = DEFAULTS.server.max_connections,
+) -> grpc.aio.Server:
     """Bind, start and return the server on the running event loop; stop it with `await server.stop(grace)`.
 
     `max_message_bytes` bounds what a client may send (a larger request fails RESOURCE_EXHAUSTED
-    before it is read into memory); replies are not bounded here. Raises OSError when the address
-    cannot be bound."""
+    before it is read into memory); replies are not bounded here. Beyond `max_calls` calls in
+    progress a new one fails RESOURCE_EXHAUSTED; a connection idle for `idle_s` is closed, so
+    neither calls nor connections pile up. Metadata stays within gRPC's own 8 KiB default. Raises
+    OSError when the address cannot be bound."""
     server = grpc.aio.server(
+        maximum_concurrent_rpcs=max_calls,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", -1),
+            ("grpc.max_connection_idle_ms", int(idle_s * 1000)),
             # gRPC sets SO_REUSEPORT by default on Linux: a second server would then share a taken
             # port silently instead of failing to start.
             ("grpc.so_reuseport", 0),
