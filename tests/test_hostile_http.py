@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 import orjson
 import pytest
 
@@ -32,11 +33,14 @@ def hostile(serving_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             os.symlink(child, repo / child.name)
     write_config(repo / "lenient", "allow_non_finite = true\n" + SCALE_CONFIG)
     scale_model(repo / "lenient" / "1" / "model.onnx")
+    write_config(repo / "wide", SCALE_CONFIG.replace("shape = [4]", "shape = [2048]"))
+    scale_model(repo / "wide" / "1" / "model.onnx", width=2048)
     env = {
         "BEDSIDE_SERVER_HEADER_TIMEOUT_S": "0.5",
         "BEDSIDE_SERVER_BODY_TIMEOUT_S": "0.5",
         "BEDSIDE_SERVER_MAX_CONNECTIONS": "40",
         "BEDSIDE_SERVER_MAX_BODIES_MB": "2",
+        "BEDSIDE_SERVER_INLINE_DECODE_KB": "16",
     }
     log = tmp_path_factory.mktemp("log") / "server.log"
     srv = start_server(repo, log, "--max-body-mb", "8", env=env)
@@ -271,3 +275,9 @@ def test_pretty_printed_json_fits_the_bound_from_the_signature(hostile):
     doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [8, 4], "data": [[-1.2345678e-30] * 4] * 8}]}
     status, answer, _ = call(hostile, "POST", SCALE_URL, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     assert status == 200, answer
+
+
+def test_large_answers_are_written_off_the_loop_and_arrive_whole(hostile):
+    x = np.linspace(-1, 1, 4 * 2048, dtype=np.float32).reshape(4, 2048)  # 32 KiB in, 32 KiB out
+    status, doc, _ = call(hostile, "POST", "/v2/models/wide/infer", infer_doc("FP32", [4, 2048], x.ravel().tolist()))
+    assert status == 200 and np.allclose(doc["outputs"][0]["data"], (x * 2).ravel())

@@ -194,7 +194,11 @@ class App:
             request.parameters, tenant=tenant, priority=priority, timeout_ms=timeout_ms, transport="rest"
         )
         response = await self.dataplane.infer(name, version, request, context)
-        payload, binary_header = encode_response(response, request)
+        if sum(a.nbytes for a in response.outputs.values()) <= self.inline_decode:
+            payload, binary_header = encode_response(response, request)
+        else:  # a large answer (an image mask, logits) is written off the event loop, as large bodies are read
+            loop = asyncio.get_running_loop()
+            payload, binary_header = await loop.run_in_executor(self._decoder, encode_response, response, request)
         if binary_header is None:
             return Response(200, payload)
         return Response(
