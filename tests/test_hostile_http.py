@@ -281,3 +281,18 @@ def test_large_answers_are_written_off_the_loop_and_arrive_whole(hostile):
     x = np.linspace(-1, 1, 4 * 2048, dtype=np.float32).reshape(4, 2048)  # 32 KiB in, 32 KiB out
     status, doc, _ = call(hostile, "POST", "/v2/models/wide/infer", infer_doc("FP32", [4, 2048], x.ravel().tolist()))
     assert status == 200 and np.allclose(doc["outputs"][0]["data"], (x * 2).ravel())
+
+
+def test_a_flood_of_tenant_names_leaves_room_for_new_tenants(hostile):
+    conn = http.client.HTTPConnection("127.0.0.1", hostile.port, timeout=30)
+    body = infer_doc("FP32", [1, 4], [1, 2, 3, 4])
+    try:
+        for i in range(1100):  # more than the 1,024 tenants a model version tracks
+            conn.request("POST", SCALE_URL, body=body, headers={"X-Bedside-Tenant": f"flood-{i}"})
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, i
+        conn.request("POST", SCALE_URL, body=body, headers={"X-Bedside-Tenant": "icu", "X-Bedside-Priority": "1"})
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
