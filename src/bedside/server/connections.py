@@ -9,7 +9,9 @@ connection (and the memory under it) forever; 2,200 of them were all kept open. 
   - the body must arrive within `body_timeout_s` of the first read that left it incomplete, else 408;
   - headers are bounded in bytes and in count (431), so neither 100,000 headers nor one 64 MiB
     header is buffered;
-  - beyond `max_connections` open at once a new connection gets 503 and is closed.
+  - beyond `max_connections` open at once, the connection that has waited longest without sending
+    a whole request (no request yet, or a stalled body) is closed to make room (408); only when
+    every connection is busy being answered does the new one get 503.
 Every refusal is a short JSON error with `Connection: close`, never a silent drop.
 """
 
@@ -71,13 +73,15 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._message_done = True
         self._closed_by_guard = False
+        self._since = 0.0  # loop time of the connection, or of its last request's start
 
     # --- connection -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         limits = self.limits
-        if len(self.connections) > limits.max_connections:
+        self._since = self.loop.time()
+        if len(self.connections) > limits.max_connections and not self._make_room():
             self._refuse(503, f"the server has {limits.max_connections} connections open, its limit; retry shortly")
             return
         self._arm(limits.header_timeout_s)
@@ -129,12 +133,14 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._since = self.loop.time()  # an upload ages from its headers
         self._disarm()
         self._in_headers = False
         self._message_done = False
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        self._since = self.loop.time()  # an idle keep-alive connection ages from its last request
         self._disarm()
         self._in_headers = True  # what follows on this connection is the next request's headers
         self._header_bytes = 0
@@ -142,6 +148,27 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     # --- guards -----------------------------------------------------------------------------
+
+    def _make_room(self) -> bool:
+        """At the cap, close the connection that has waited longest for a request that has not
+        arrived, or else the longest-stalled upload, so that 1,000 half-open connections cannot lock
+        out a nurse station whose requests arrive whole. A request being answered is never cut.
+        False when every connection is busy being answered."""
+        waiting, uploading = [], []
+        for c in self.connections:
+            if not isinstance(c, GuardedHTTPProtocol) or c is self or c._closed_by_guard:
+                continue
+            if c._in_headers and (c.cycle is None or c.cycle.response_complete):
+                waiting.append(c)
+            elif not c._in_headers and not c._message_done:
+                uploading.append(c)
+        victims = waiting or uploading
+        if not victims:
+            return False
+        oldest = min(victims, key=lambda c: c._since)
+        oldest._refuse(408, "closed to make room: the request did not arrive in time")
+        self.connections.discard(oldest)
+        return True
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
