@@ -99,7 +99,7 @@ def test_parses_a_monitor_message_with_loinc_and_mdc_codes():
     assert times["spo2"] == at("20261123101500")  # no OBX-14: MSH-7
 
 
-@pytest.mark.parametrize("sep", ["\r", "\n", "\r\n"])
+@pytest.mark.parametrize("sep", ["\r", "\n", "\r\n", "\r\r", "\n\r\n"])  # blank lines: empty segments
 def test_segment_terminators(sep):
     assert len(parse(message(*OBX[:2], sep=sep)).observations) == 2
 
@@ -110,6 +110,51 @@ def test_repetitions_escapes_and_missing_fields():
     assert parsed.observations[0].vital == "heart_rate" and parsed.observations[0].value == 88
     assert parse(message(obx).replace(PV1, "PV1|1|I|ICU")).bed == "ICU"  # one component, not "ICU-C-U"
     assert parse(message(obx).replace(PV1, "PV1|1|I|ICU\\T\\A^1~OTHER^2")).bed == "ICU&A-1"
+
+
+@pytest.mark.parametrize(
+    ("pv1_3", "bed"),
+    [("ICU", "ICU"), ("ICU^12^A", "ICU-12-A"), ("ICU~X^2", "ICU"), ("^12", "12"), ("ICU&E^12^A^X", "ICU&E-12-A")],
+)
+def test_a_bed_is_read_component_by_component(pv1_3, bed):
+    """A field without components is its own component 0: the library keeps it as one str, and
+    indexing into that str once read the bed ICU as the components I, C, U (ICU-C-U)."""
+    assert parse(message(OBX[0]).replace(PV1, f"PV1|1|I|{pv1_3}")).bed == bed
+
+
+def test_escape_sequences_are_decoded_and_hostile_ones_kept_as_written(caplog):
+    def level(text: str) -> str:
+        return str(parse(message(f"OBX|1|ST|ACVPU^X^L||{text}")).observations[0].value)
+
+    assert level("\\X56\\") == "V" and level("\\H\\P\\N\\") == "P"  # hexadecimal; highlighting dropped
+    start = time.perf_counter()
+    for hostile in ("\\.sp999999999\\V", "\\.spX\\V", "\\Z\\V", "V\\", "\\\\V"):  # not expanded, raised, dropped
+        err = refusal(message(f"OBX|1|ST|ACVPU^X^L||{hostile}"))
+        assert err.error == "103" and hostile.replace("\\", "\\\\") in str(err)
+    assert time.perf_counter() - start < 1
+    assert "is not a number" in str(refusal(message(hr("80\\Z\\"))))  # not read as 80
+    raw = message(OBX[0], msh=MSH.replace("MSG00042", "C\\Z\\\\X41\\1"))
+    assert parse(raw).control_id == "C\\Z\\A1" and "MSA|AA|C\\E\\Z\\E\\A1" in accepted_ack(raw, parse(raw))
+    assert not caplog.records  # the library logs a field's text for sequences it cannot decode
+
+
+def test_the_library_error_text_never_reaches_an_answer(monkeypatch):
+    def broken(text: str, *args: object, **kwargs: object) -> None:
+        raise hl7.ParseException("Segment received before message header PID|1||MRN123456")
+
+    raw = message(*OBX)
+    monkeypatch.setattr(hl7, "parse", broken)
+    err = refusal(raw)
+    monkeypatch.undo()
+    assert (err.code, err.error) == ("AR", "100") and "MRN123456" not in nak(raw, err)
+    assert err.__cause__ is None and err.__suppress_context__
+
+
+def test_a_message_too_large_for_the_library_is_refused_at_once():
+    start = time.perf_counter()  # the library's objects: a megabyte of ^ took 16 s and 470 MB
+    err = refusal(message("OBX|1|NM|8867-4^HR^LN||80|" + "^" * 1_000_000))
+    assert (err.code, err.error) == ("AR", "207") and "more than 20000" in str(err)
+    assert time.perf_counter() - start < 1
 
 
 @pytest.mark.parametrize("status", ["X", "D", "W", "I", "N"])
@@ -124,6 +169,7 @@ def test_cancelled_deleted_or_pending_observations_are_not_used(status):
         ("PID|1||123", "AR", "100", "does not start with an MSH"),
         ("MSH|abcd|X", "AR", "102", "separators in MSH-1 and MSH-2"),
         ("MSH|^^\\&|X|Y|Z|W|20261123||ORU^R01|C1|P|2.5", "AR", "102", "separators"),  # ^ in two roles
+        ("MSH|^~\r" + PID + "\r" + PV1 + "\r" + OBX[0], "AR", "102", "separators"),  # MSH-2 not ended
         (MSH.replace("ORU^R01^ORU_R01", "ADT^A01") + "\r" + PID, "AR", "200", r"message type ADT\^A01 is not ORU\^R01"),
         (MSH.replace("ORU^R01^ORU_R01", "ORU^R30"), "AR", "201", r"is not ORU\^R01"),
         (MSH.replace("|2.6", "|3.0"), "AR", "203", "HL7 version '3.0' is not supported"),
@@ -232,6 +278,7 @@ def test_times_without_an_offset_are_read_in_the_monitor_zone():
         ("20261123101455+0000", at("20261123101455")),
         ("202611231014", at("20261123101400")),
         ("20261123101460", at("20261123101459")),  # a leap second
+        ("20261123101455^S", at("20261123101455")),  # a TS: the time, then its degree of precision
     ],
 )
 def test_explicit_offsets_and_fractions_are_honoured(stamp, expected):

@@ -14,7 +14,11 @@ import re
 import secrets
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import NamedTuple
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+import hl7
+import hl7.util
 
 MAX_HEAD = 8192  # characters of the MSH segment read
 MAX_ID = 199  # longest control id or application name kept (the HL7 2.7 length of MSH-10)
@@ -31,7 +35,9 @@ class Encoding(NamedTuple):
 
 
 STANDARD = Encoding("|", "^", "~", "\\", "&")
-_ROLE = {"F": 0, "S": 1, "R": 2, "E": 3, "T": 4}  # escape sequence -> Encoding index
+# escape sequences given to the `hl7` library to decode: separators, highlighting, hexadecimal characters
+_DECODED = re.compile(r"[FSRTEHN]|X(?:[0-9A-Fa-f]{2})+", re.ASCII)
+_HIGHLIGHT = {"H": "", "N": ""}  # the library's default writes "_" for them
 
 ERRORS = {  # HL7 table 0357, message error condition codes (v2.5)
     "100": "Segment sequence error",
@@ -153,16 +159,32 @@ def _pieces(text: str, esc: str) -> Iterator[tuple[str, str]]:
         i = k + 1
 
 
+@lru_cache(maxsize=32)
+def _separators(enc: Encoding) -> Any:
+    """An empty `hl7.Message` with `enc`'s separators: what the library's unescaping reads them from."""
+    return hl7.Message(separators="\r" + enc.field + enc.repetition + enc.component + enc.subcomponent, esc=enc.escape)
+
+
 def unescape(text: str, enc: Encoding) -> str:
-    """The value a field of text type carries: escape sequences for separators replaced by the
-    characters, highlighting (\\H\\, \\N\\) dropped, other sequences kept as written."""
+    """The value a field of text type carries, decoded by the `hl7` library: separator sequences
+    (\\F\\ \\S\\ \\R\\ \\T\\ \\E\\) and \\Xhh\\ become their characters, highlighting (\\H\\, \\N\\) is dropped.
+    Other sequences (formatting, character sets, unknown) and a stray escape character are kept as
+    written: the library would drop them silently (80\\Z\\ would read 80), log the field's text, raise
+    (\\.spX\\) or build a string of any length (\\.sp999999999\\), so it is only given the ones above."""
     esc = enc.escape
     if esc not in text:
         return text
-    return "".join(
-        plain + (enc[_ROLE[body]] if body in _ROLE else "" if body in ("", "H", "N") else esc + body + esc)
-        for plain, body in _pieces(text, esc)
-    )
+    parts = text.split(esc)  # as the library reads it: text, sequence, text, sequence, ..., text
+    literal = esc + "E" + esc  # what the library turns into the escape character itself
+    given = [parts[0]]
+    for i in range(1, len(parts), 2):
+        if i + 1 == len(parts):  # a stray escape character, no sequence
+            given.append(literal + parts[i])
+        elif _DECODED.fullmatch(parts[i]):
+            given.append(esc + parts[i] + esc + parts[i + 1])
+        else:
+            given.append(literal + parts[i] + literal + parts[i + 1])
+    return str(hl7.util.unescape(_separators(enc), "".join(given), _HIGHLIGHT))
 
 
 def _recode_part(text: str, enc: Encoding) -> str:

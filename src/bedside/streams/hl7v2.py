@@ -7,111 +7,35 @@ the accepted time range) is left out and named in an ERR (severity W) of the AA;
 with nothing usable is refused (AE) with the reasons. A message never takes the listener down:
 every problem with hostile input is an HL7Error, with its HL7 table 0357 code for ERR-3.
 
-The text is split here rather than by the `hl7` library: reading only what is used (MSH, PID, PV1,
-OBR-7, OBX) is several times faster, and separators, escapes and repetitions are handled exactly.
+The `hl7` library (python-hl7) splits the message into segments, fields, repetitions and components
+and decodes escape sequences (`hl7ack.unescape` gives it those it decodes safely). Checked before it:
+the MSH's separators and control id (what every answer carries), and the number of parts (MAX_PARTS,
+about 0.5 kB each in its objects). Its exception texts, which can quote the PID, never reach an answer.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from bedside.streams.hl7ack import MAX_TEXT, VERSION, Encoding, Problem, ack, clean, header, unescape
+import hl7
+
+from bedside.streams.codes import CODES, LEVELS, PLAUSIBLE, SKIPPED_STATUS
+from bedside.streams.hl7ack import MAX_ID, MAX_TEXT, VERSION, Encoding, Problem, ack, clean, header, unescape
 from bedside.streams.identity import pseudonym
 
 if TYPE_CHECKING:
     from bedside.settings import StreamsSettings
 
-# observation code -> vital sign
-CODES: dict[str, str] = {
-    # heart / pulse rate
-    "8867-4": "heart_rate",
-    "147842": "heart_rate",
-    "149530": "heart_rate",
-    "MDC_ECG_HEART_RATE": "heart_rate",
-    "MDC_PULS_OXIM_PULS_RATE": "heart_rate",
-    "HR": "heart_rate",
-    # blood pressure
-    "8480-6": "systolic_bp",
-    "150021": "systolic_bp",
-    "150017": "systolic_bp",
-    "MDC_PRESS_BLD_NONINV_SYS": "systolic_bp",
-    "MDC_PRESS_BLD_ART_SYS": "systolic_bp",
-    "SBP": "systolic_bp",
-    "8462-4": "diastolic_bp",
-    "150022": "diastolic_bp",
-    "150018": "diastolic_bp",
-    "MDC_PRESS_BLD_NONINV_DIA": "diastolic_bp",
-    "MDC_PRESS_BLD_ART_DIA": "diastolic_bp",
-    "DBP": "diastolic_bp",
-    # oxygen saturation
-    "59408-5": "spo2",
-    "2708-6": "spo2",
-    "20564-1": "spo2",
-    "150456": "spo2",
-    "MDC_PULS_OXIM_SAT_O2": "spo2",
-    "SPO2": "spo2",
-    # respiratory rate
-    "9279-1": "respiratory_rate",
-    "151562": "respiratory_rate",
-    "MDC_RESP_RATE": "respiratory_rate",
-    "MDC_TTHOR_RESP_RATE": "respiratory_rate",
-    "RR": "respiratory_rate",
-    # temperature
-    "8310-5": "temperature",
-    "8331-1": "temperature",
-    "150344": "temperature",
-    "188496": "temperature",
-    "MDC_TEMP": "temperature",
-    "MDC_TEMP_BODY": "temperature",
-    "TEMP": "temperature",
-    # level of consciousness (ACVPU)
-    "67775-7": "consciousness",
-    "80288-4": "consciousness",
-    "ACVPU": "consciousness",
-    "AVPU": "consciousness",
-    # supplemental oxygen: flow (L/min) or inspired fraction (%), or a yes/no flag
-    "3151-8": "oxygen_flow",
-    "19996-8": "oxygen_flow",
-    "3150-0": "fio2",
-    "O2SUPP": "on_oxygen",
-}
-NUMERIC = {
-    "heart_rate",
-    "systolic_bp",
-    "diastolic_bp",
-    "spo2",
-    "respiratory_rate",
-    "temperature",
-    "oxygen_flow",
-    "fio2",
-}
-PLAUSIBLE = {  # physiologically possible ranges: values outside are device errors, not patients
-    "heart_rate": (0, 350),
-    "systolic_bp": (0, 350),
-    "diastolic_bp": (0, 250),
-    "spo2": (0, 100),
-    "respiratory_rate": (0, 120),
-    "temperature": (20, 45),
-    "oxygen_flow": (0, 80),
-    "fio2": (21, 100),
-}
-
-
-SKIPPED_STATUS = {"D", "I", "N", "O", "W", "X"}  # OBX-11: deleted, pending, not asked, order, wrong, no result
-LEVELS = {  # level of consciousness (ACVPU): the letters and the words monitors send
-    **{c: c for c in "ACVPU"},
-    **{"ALERT": "A", "CONFUSED": "C", "CONFUSION": "C", "NEW CONFUSION": "C", "VOICE": "V", "VERBAL": "V"},
-    **{"PAIN": "P", "UNRESPONSIVE": "U"},
-}
 YES, NO = {"Y", "YES", "1", "TRUE", "T"}, {"N", "NO", "0", "FALSE", "F"}
 FAHRENHEIT, CELSIUS = {"DEGF", "[DEGF]", "F", "°F"}, {"CEL", "DEGC", "[DEGC]", "C", "°C"}
 MAX_BED = 64
+MAX_PARTS = 20_000  # segments, fields, repetitions, components the library may build for one message
 
 # HL7 NM: an optional sign, ASCII digits, an optional decimal point; no exponent, nan, inf or spaces
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)", re.ASCII)
@@ -204,13 +128,41 @@ def _span(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def _get(fields: list[str], n: int) -> str:
-    return fields[n] if n < len(fields) else ""
+def _field(segment: Any, n: int) -> Any:
+    """Field n of a segment the library read (MSH-n for the MSH); "" when absent or no such segment."""
+    return segment[n] if segment is not None and n < len(segment) else ""
 
 
-def _components(text: str, enc: Encoding) -> list[str]:
-    """The components of a field's first repetition, escape sequences decoded, control characters dropped."""
-    return [clean(unescape(c, enc)).strip() for c in text.split(enc.repetition, 1)[0].split(enc.component)]
+def _component(segment: Any, n: int, k: int = 0) -> str:
+    """Component k (0: the first) of field n's first repetition as sent (escapes undecoded, subcomponents
+    joined). The library keeps a field, or a repetition, without components as one plain str: that str is
+    component 0 (indexing into it would read PV1-3 ICU as the components I, C, U)."""
+    field = _field(segment, n)
+    if isinstance(field, hl7.Field):
+        field = field[0] if field else ""
+    if isinstance(field, hl7.Repetition):
+        return str(field[k]) if k < len(field) else ""
+    return str(field) if k == 0 else ""
+
+
+def _text(segment: Any, n: int, k: int, enc: Encoding) -> str:
+    """Component k of field n as the value it carries: escapes decoded, control characters dropped."""
+    return clean(unescape(_component(segment, n, k), enc)).strip()
+
+
+def _read(raw: str, enc: Encoding, refuse: Callable[..., HL7Error]) -> Any:
+    """The message as the library reads it (an hl7.Message), with the separators MSH declared."""
+    text = raw.replace("\r\n", "\r").replace("\n", "\r").strip("\r\x00 ")
+    if sum(map(text.count, ("\r", enc.field, enc.repetition, enc.component, enc.subcomponent))) > MAX_PARTS:
+        raise refuse(f"message has more than {MAX_PARTS} segments, fields and components", "207", "AR")
+    try:
+        message = hl7.parse(text)
+    except Exception:  # its text may quote a segment: our own reason instead
+        raise refuse("message cannot be read as HL7 v2 segments and fields", "100", "AR") from None
+    declared = "\r" + enc.field + enc.repetition + enc.component + enc.subcomponent
+    if message.separators != declared or message.esc != enc.escape:  # MSH-2 not ended by a field separator
+        raise refuse("the separators in MSH-1 and MSH-2 are missing or unusable", "102", "AR")
+    return message
 
 
 def _hl7_time(text: str, zone: tzinfo) -> float | None:
@@ -230,18 +182,17 @@ def _hl7_time(text: str, zone: tzinfo) -> float | None:
         return None
 
 
-def _value(vital: str, raw: str, unit: str, enc: Encoding) -> float | str | bool:
-    text = raw.strip(" ")
+def _value(vital: str, obx: Any, unit: str, enc: Encoding) -> float | str | bool:
+    text = str(_field(obx, 5)).strip(" ")  # as sent: a number is one plain value, no separators or escapes
     if not text:
         raise _Refused("101", "no value (OBX-5)", 5)
-    if vital == "consciousness":
-        parts = _components(text, enc)
-        level = LEVELS.get(parts[0].upper()) or (LEVELS.get(parts[1].upper()) if len(parts) > 1 else None)
+    if vital == "consciousness":  # a code (A, C, V, P, U or a word), or a CWE: code^text^system
+        level = LEVELS.get(_text(obx, 5, 0, enc).upper()) or LEVELS.get(_text(obx, 5, 1, enc).upper())
         if level is None:
             raise _Refused("103", f"level of consciousness {_quote(text)} is not one of A, C, V, P, U", 5)
         return level
     if vital == "on_oxygen":
-        flag = _components(text, enc)[0].upper()
+        flag = _text(obx, 5, 0, enc).upper()
         if flag not in YES and flag not in NO:
             raise _Refused("103", f"supplemental oxygen {_quote(text)} is not Y or N", 5)
         return flag in YES
@@ -303,41 +254,37 @@ def parse_oru(raw: str, now: float | None = None, policy: HL7Policy = DEFAULT_PO
     def refuse(reason: str, error: str, code: str = "AE", problems: Sequence[str] = ()) -> HL7Error:
         return HL7Error(reason, code, control_id, error, problems)
 
-    kind = [*_components(head.get(9), enc), ""]
+    message = _read(raw, enc, refuse)
+    msh = message[0]
+    kind = (_text(msh, 9, 0, enc), _text(msh, 9, 1, enc))
     if kind[0] != "ORU" or kind[1] not in ("", "R01"):
         error = "200" if kind[0] != "ORU" else "201"
         raise refuse(f"message type {kind[0][:8]}^{kind[1][:8]} is not ORU^R01", error, "AR")
-    version = _components(head.get(12), enc)[0]
+    version = _text(msh, 12, 0, enc)
     if version and not VERSION.fullmatch(version):
         raise refuse(f"HL7 version {_quote(version, 12)} is not supported (2.x)", "203", "AR")
-    segments = raw.replace("\r\n", "\r").replace("\n", "\r").strip("\r\x00 ").split("\r")[1:]
-    fs = enc.field
-    pid: list[str] = []
-    pv1: list[str] = []
+    pid = pv1 = None
     obr_time = ""
-    results: list[tuple[list[str], str]] = []
-    for segment in segments:
-        name = segment[:3]
-        if segment[3:4] not in ("", fs) or name not in ("OBX", "OBR", "PID", "PV1", "MSH"):
-            continue  # other segments (NTE, ORC, Z-segments) are not used
-        fields = segment.split(fs)
+    results: list[tuple[Any, str]] = []
+    for segment in message[1:]:
+        name = str(segment[0])  # a Field, or a plain str for a segment without separators
         if name == "OBX":
-            results.append((fields, obr_time))
+            results.append((segment, obr_time))
         elif name == "OBR":
-            obr_time = _get(fields, 7)
+            obr_time = _component(segment, 7)
         elif name == "MSH":
             raise refuse("more than one message (MSH) in one frame; send one ORU^R01 per frame", "100", "AR")
-        elif (name == "PID" and pid) or (name == "PV1" and pv1):
+        elif (name == "PID" and pid is not None) or (name == "PV1" and pv1 is not None):
             raise refuse("more than one patient (PID/PV1) in one message; send one ORU^R01 per bed", "100")
         elif name == "PID":
-            pid = fields
-        else:
-            pv1 = fields
-    bed = "-".join(p for p in _components(_get(pv1, 3), enc)[:3] if p)
+            pid = segment
+        elif name == "PV1":
+            pv1 = segment
+    bed = "-".join(p for p in (_text(pv1, 3, k, enc) for k in range(3)) if p)
     if len(bed) > MAX_BED:
         raise refuse(f"bed (PV1-3) is longer than {MAX_BED} characters", "102")
     if not bed:
-        mrn = _components(_get(pid, 3), enc)[0]
+        mrn = _text(pid, 3, 0, enc)
         if not mrn:
             raise refuse("no bed (PV1-3) or patient identifier (PID-3) to attach the observations to", "101")
         if not policy.bed_key:
@@ -345,21 +292,21 @@ def parse_oru(raw: str, now: float | None = None, policy: HL7Policy = DEFAULT_PO
         bed = "patient-" + pseudonym(policy.bed_key, mrn)  # keyed: the record number cannot be recovered
     if not results:
         raise refuse("ORU^R01 without any OBX observation", "100")
-    application, facility = (clean(unescape(head.get(n), enc))[:MAX_BED] for n in (3, 4))
+    application, facility = (clean(unescape(str(_field(msh, n))[:MAX_ID], enc))[:MAX_BED] for n in (3, 4))
     out = VitalsMessage(control_id, bed, sending_application=application, sending_facility=facility)
-    msh_time = head.get(7)
+    msh_time = _component(msh, 7)
     times: dict[str, float | None] = {}
     refused: list[str] = []
     lateness: list[float] = []
     for position, (obx, result_time) in enumerate(results, 1):
-        code = [*_components(_get(obx, 3), enc), ""]
-        vital = CODES.get(code[0].upper()) or CODES.get(code[1].upper())
-        if vital is None or _get(obx, 11).strip(" ").upper() in SKIPPED_STATUS:
+        # OBX-3 is a CWE (identifier^text^coding system): a code in either of the first two
+        vital = CODES.get(_text(obx, 3, 0, enc).upper()) or CODES.get(_text(obx, 3, 1, enc).upper())
+        if vital is None or str(_field(obx, 11)).strip(" ").upper() in SKIPPED_STATUS:
             out.ignored += 1
             continue
         try:
-            value = _value(vital, _get(obx, 5), _components(_get(obx, 6), enc)[0], enc)
-            stamps = (("OBX-14", _get(obx, 14)), ("OBR-7", result_time), ("MSH-7", msh_time))
+            value = _value(vital, obx, _text(obx, 6, 0, enc), enc)
+            stamps = (("OBX-14", _component(obx, 14)), ("OBR-7", result_time), ("MSH-7", msh_time))
             when = _when(times, stamps, now, policy)
         except _Refused as why:
             refused.append(
