@@ -664,3 +664,14 @@ def test_bytes_that_are_not_protobuf_are_invalid_argument_and_not_logged(address
             call(b"", timeout=10)
         assert info.value.code() == Code.NOT_FOUND
     assert "Traceback" not in grpc_server[0].log.read_text()
+
+
+def test_a_large_typed_request_is_decoded_off_the_loop_and_answered(stub):
+    """Above the inline threshold the element-by-element conversion of `contents` runs in a thread."""
+    x = np.linspace(-1, 1, 8 * 4, dtype=np.float32).reshape(8, 4)
+    request = service_pb2.ModelInferRequest(model_name="scale", id="p" * 300_000)
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[8, 4])  # the id takes it past 256 KiB
+    tensor.contents.fp32_contents.extend(x.ravel().tolist())
+    reply = stub.ModelInfer(request)
+    got = np.frombuffer(reply.raw_output_contents[0], dtype="<f4").reshape(8, 4)
+    assert reply.id == request.id and np.allclose(got, x * 3)  # scale v2: x 3

@@ -114,6 +114,7 @@ async def _serve(repository: Path, settings: Settings) -> None:
                     server.max_body_mb << 20,
                     server.keepalive_s,
                     server.max_connections,
+                    server.inline_decode_kb << 10,
                 )
             except OSError as exc:
                 raise StartupError(f"gRPC: {exc}") from None

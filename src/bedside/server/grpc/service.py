@@ -16,9 +16,10 @@ which could carry request data.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import traceback
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -38,6 +39,7 @@ from bedside.errors import (
     TooLarge,
     Unavailable,
 )
+from bedside.monitoring.redact import describe_exception
 from bedside.server.grpc import codec
 from bedside.server.grpc import oip_pb2 as pb
 from bedside.settings import DEFAULTS
@@ -78,13 +80,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BedsideError) -> None:
 
 
 async def _fail(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
-    # The message and the frames' locals stay out of the log: either could hold tensor values or ids.
-    log.error(
-        "unexpected %s in gRPC %s (message withheld); traceback:\n%s",
-        type(exc).__qualname__,
-        method,
-        "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
-    )
+    # The message stays out of the log (it could hold tensor values or ids), and so do host paths.
+    log.error("unexpected error in gRPC %s: %s", method, describe_exception(exc))
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
 
@@ -109,15 +106,23 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 class InferenceServicer:
-    def __init__(self, dataplane: Dataplane) -> None:
+    def __init__(self, dataplane: Dataplane, inline_decode_bytes: int = DEFAULTS.server.inline_decode_kb << 10) -> None:
         self.dataplane = dataplane
+        self.inline_decode = inline_decode_bytes
+        # typed `contents` are turned into arrays element by element: a large request does that off
+        # the event loop (as REST does with large bodies), so it does not stall every other caller
+        self._decoder = ThreadPoolExecutor(2, thread_name_prefix="bedside-grpc-decode")
 
     # --- the hot path: no logging, no copies beyond the codec's -------------------------------------
 
     async def model_infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
             self.dataplane.check_served(request.model_name, request.model_version)  # as REST: 404 before the body
-            infer_request, parameters = codec.decode_request(request)
+            if request.ByteSize() <= self.inline_decode:
+                infer_request, parameters = codec.decode_request(request)
+            else:
+                loop = asyncio.get_running_loop()
+                infer_request, parameters = await loop.run_in_executor(self._decoder, codec.decode_request, request)
             caller = caller_context(parameters, context.invocation_metadata())
             response = await self.dataplane.infer(request.model_name, request.model_version, infer_request, caller)
             return codec.encode_response(response)
@@ -248,6 +253,7 @@ async def start_grpc_server(
     max_message_bytes: int,
     idle_s: float = DEFAULTS.server.keepalive_s,
     max_calls: int = DEFAULTS.server.max_connections,
+    inline_decode_bytes: int = DEFAULTS.server.inline_decode_kb << 10,
 ) -> grpc.aio.Server:
     """Bind, start and return the server on the running event loop; stop it with `await server.stop(grace)`.
 
@@ -265,9 +271,9 @@ async def start_grpc_server(
             # gRPC sets SO_REUSEPORT by default on Linux: a second server would then share a taken
             # port silently instead of failing to start.
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
-    server.add_generic_rpc_handlers((InferenceServicer(dataplane).handler(),))
+    server.add_generic_rpc_handlers((InferenceServicer(dataplane, inline_decode_bytes).handler(),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
