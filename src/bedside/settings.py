@@ -93,6 +93,12 @@ class StreamsSettings:
         "full",
         "normal",
     )
+    journal_max_rows: int = _opt(
+        2_000_000,
+        "observations the journal keeps (oldest dropped beyond): beds x vital signs x readings an hour",
+        10_000,
+        10**9,
+    )
     monitor_timezone: str = _opt(
         "UTC", "zone of HL7 times sent without an offset: UTC or an IANA name such as Europe/Berlin", check=_not_empty
     )

@@ -9,12 +9,13 @@ serving loop ~100 ms when parsing ran there, and ECG window->score p99 went from
 
 The processes talk over a socketpair in length-prefixed orjson frames:
   child -> parent  {"port": N} once listening (or {"error": "..."}), then per parsed message
-                   {"s": seq, "b": bed, "o": [[vital, value, time], ...]}, and counter changes
-                   {"n": {"rejected": r, "connections": c, "open_connections": o}}
+                   {"s": seq, "b": bed, "o": [[vital, value, time], ...]}, and the counters
+                   {"n": {"rejected": r, "connections": c, ...}} at most once a loop turn
   parent -> child  9-byte records: seq (u64) and 0 = stored, 1 = failed
-A monitor gets its AA only once the serving process holds the observations (acknowledgement on
-commit): a vital sign acknowledged is a vital sign that will be scored. If the child dies, the
-parent starts a new one on the same port; monitors reconnect and resend what was not ACKed.
+A monitor gets its AA only once the observations are in the journal (streams.journal; written by
+the child, see journal.py) and the serving process holds them (acknowledgement on commit): a vital
+sign acknowledged is one that will be scored, after a crash too. If the child dies, the parent
+starts a new one on the same port; monitors reconnect and resend what was not ACKed.
 """
 
 from __future__ import annotations
@@ -22,25 +23,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from bedside.settings import DEFAULTS
+from bedside.monitoring import redact
+from bedside.settings import DEFAULTS, StreamsSettings
+from bedside.streams import hl7v2
 from bedside.streams.hl7v2 import HL7Error, Observation, VitalsMessage
-from bedside.streams.mllp import MAX_FRAME, MLLPServer
+from bedside.streams.identity import box_key
+from bedside.streams.journal import COUNTERS as JOURNAL_COUNTERS
+from bedside.streams.journal import JOURNAL_FILE, JournalWriter
+from bedside.streams.mllp import COUNTERS, MLLPServer
 
 log = logging.getLogger("bedside.ingest")
 STORED, FAILED = 0, 1
 START_TIMEOUT_S = 30.0
 RESTART_BACKOFF_S = (0.5, 30.0)
 SLICE = 16  # messages stored per turn of the serving loop
+SLICE_OBSERVATIONS = 4096  # ... and observations: one huge message is stored whole, the next waits a turn
+KEEP_PER_VITAL = 720  # beds.MAX_POINTS, not imported: beds needs numpy, and the child stays lean
+CHILD_COUNTERS = tuple(name for name in (*COUNTERS, *JOURNAL_COUNTERS) if name != "accepted")
+CUMULATIVE = [name for name in CHILD_COUNTERS if name != "open_connections"]
 
 
 def _frame(doc: dict[str, Any]) -> bytes:
@@ -48,25 +60,39 @@ def _frame(doc: dict[str, Any]) -> bytes:
     return len(body).to_bytes(4, "little") + body
 
 
+def newest(observations: list[Observation], limit: int = KEEP_PER_VITAL) -> list[Observation]:
+    """Per vital sign the `limit` newest observations: a bed keeps no more, so a message with an
+    hour of 1 Hz readings costs the journal and the serving loop no more than a bed's window."""
+    if len(observations) <= limit:
+        return observations
+    keep: list[Observation] = []
+    for vital in dict.fromkeys(o.vital for o in observations):
+        keep += sorted((o for o in observations if o.vital == vital), key=lambda o: o.time)[-limit:]
+    return keep
+
+
 # --- the serving side ----------------------------------------------------------------------
 
 
 class IngestProcess:
     """Runs the MLLP listener in a child process and hands each parsed message to `on_message`
-    on the serving loop. Counters mirror MLLPServer's, plus `restarts`."""
+    on the serving loop. `state` is the state folder (box key, journal); None: neither, so a
+    message without a bed, only a patient identifier, is refused (tests)."""
 
     def __init__(
         self,
         on_message: Callable[[VitalsMessage], None],
         host: str = DEFAULTS.server.host,
-        port: int = DEFAULTS.streams.mllp_port,
-        ack_timeout_s: float = DEFAULTS.streams.ack_timeout_s,
-        max_frame: int = MAX_FRAME,
+        port: int | None = None,
+        settings: StreamsSettings = DEFAULTS.streams,
+        state: Path | None = None,
     ) -> None:
         self.on_message = on_message
-        self.host, self.port, self.max_frame = host, port, max_frame
-        self.ack_timeout_s = ack_timeout_s
-        self.accepted = self.rejected = self.connections = self.open_connections = self.restarts = 0
+        self.host, self.port = host, settings.mllp_port if port is None else port
+        self.settings, self.state = settings, state
+        self.accepted = self.restarts = 0
+        self.counters = dict.fromkeys(CHILD_COUNTERS, 0)  # the running child's, accepted excepted
+        self._earlier = dict.fromkeys(CUMULATIVE, 0)  # what children before it counted
         self._process: subprocess.Popen[bytes] | None = None
         self._link: _ParentLink | None = None
         self._closing = False
@@ -75,6 +101,12 @@ class IngestProcess:
     @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
+
+    def status(self) -> dict[str, Any]:
+        counters = {name: self._earlier.get(name, 0) + value for name, value in self.counters.items()}
+        return {"port": self.port, **counters, "accepted": self.accepted, "ingest_pid": self.pid} | {
+            "ingest_restarts": self.restarts
+        }
 
     async def start(self) -> None:
         """Start the child and wait until it listens; raises OSError when it cannot."""
@@ -90,23 +122,24 @@ class IngestProcess:
         if self._process is not None:
             await asyncio.get_running_loop().run_in_executor(None, _reap, self._process)
 
+    def _config(self) -> str:
+        """Everything the child needs, as one JSON argument."""
+        return orjson.dumps(
+            {
+                "host": self.host,
+                "port": self.port,
+                "state": None if self.state is None else str(self.state),
+                "streams": dataclasses.asdict(self.settings),
+            }
+        ).decode()
+
     async def _spawn(self) -> None:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
+        command = [sys.executable, "-m", "bedside.streams.ingest", f"--fd={theirs.fileno()}"]
         try:
             self._process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "bedside.streams.ingest",
-                    f"--fd={theirs.fileno()}",
-                    f"--host={self.host}",
-                    f"--port={self.port}",
-                    f"--max-frame={self.max_frame}",
-                    f"--ack-timeout={self.ack_timeout_s}",
-                ],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
+                [*command, f"--config={self._config()}"], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL
             )
         finally:
             theirs.close()
@@ -132,6 +165,9 @@ class IngestProcess:
                 return
             code = await asyncio.get_running_loop().run_in_executor(None, _reap, self._process)
             log.error("HL7 ingest process exited (code %s); starting a new one on port %d", code, self.port)
+            for name in CUMULATIVE:  # counters stay cumulative across children
+                self._earlier[name] += self.counters[name]
+            self.counters = dict.fromkeys(CHILD_COUNTERS, 0)
             while not self._closing:
                 await asyncio.sleep(backoff)
                 try:
@@ -149,7 +185,7 @@ class IngestProcess:
             observations = [Observation(vital, value, when) for vital, value, when in doc["o"]]
             self.on_message(VitalsMessage("", doc["b"], observations))
         except Exception:  # never lose a message silently: the monitor gets a NAK and resends
-            log.exception("could not store HL7 observations for bed %r", doc.get("b"))
+            log.exception("could not store HL7 observations")  # no bed: it may derive from a patient identifier
             return FAILED
         self.accepted += 1
         return STORED
@@ -184,12 +220,13 @@ class _ParentLink(asyncio.Protocol):
             self._take()
 
     def _take(self) -> None:
-        """Store at most SLICE messages, then let the loop run: a ward's burst is spread over several
-        loop turns instead of holding the ECG results back for all of it."""
+        """Store at most SLICE messages (SLICE_OBSERVATIONS observations), then let the loop run: a
+        ward's burst is spread over several loop turns instead of holding the ECG results back."""
         self.scheduled = False
         buffer = self.buffer
         answers = bytearray()
-        for _ in range(SLICE):
+        messages, observations = 0, 0
+        while messages < SLICE and observations < SLICE_OBSERVATIONS:
             if len(buffer) < 4:
                 break
             size = int.from_bytes(buffer[:4], "little")
@@ -199,9 +236,11 @@ class _ParentLink(asyncio.Protocol):
             del buffer[: 4 + size]
             if "s" in doc:
                 answers += doc["s"].to_bytes(8, "little") + bytes((self.owner._store(doc),))
+                messages += 1
+                observations += len(doc["o"])
             elif "n" in doc:
-                for key, value in doc["n"].items():
-                    setattr(self.owner, key, value)
+                counters = self.owner.counters
+                counters.update((k, int(v)) for k, v in doc["n"].items() if k in counters)
             elif "port" in doc and not self.listening.done():
                 self.listening.set_result(doc["port"])
             elif "error" in doc and not self.listening.done():
@@ -227,48 +266,61 @@ class _ParentLink(asyncio.Protocol):
 
 
 class _ChildLink:
-    """The child's end: forwards parsed messages and waits for the server to store each one."""
+    """The child's end: journals each parsed message, forwards it, and waits for the server to
+    store it before the MLLP server sends the AA."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ack_timeout_s: float) -> None:
-        self.reader, self.writer = reader, writer
-        self.ack_timeout_s = ack_timeout_s
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        timeout_s: float,
+        journal: JournalWriter | None,
+    ) -> None:
+        self.reader, self.writer, self.ack_timeout_s, self.journal = reader, writer, timeout_s, journal
         self.seq = 0
         self.pending: dict[int, asyncio.Future[int]] = {}
         self.server: MLLPServer | None = None
+        self.counting = False
 
     def send(self, doc: dict[str, Any]) -> None:
         self.writer.write(_frame(doc))
 
     async def store(self, message: VitalsMessage) -> None:
-        self.seq += 1
-        seq = self.seq
-        answer = self.pending[seq] = asyncio.get_running_loop().create_future()
-        self.send({"s": seq, "b": message.bed, "o": [[o.vital, o.value, o.time] for o in message.observations]})
+        """Journal, then hand to the server; an HL7Error (the NAK) unless both happened in time."""
+        observations = newest(message.observations)
+        seq = 0
         try:
-            outcome = await asyncio.wait_for(answer, self.ack_timeout_s)
+            async with asyncio.timeout(self.ack_timeout_s):  # a stuck disk gets a NAK too, not silence
+                if self.journal is not None:
+                    try:
+                        await self.journal.write(message.bed, observations)  # with others arriving now: one commit
+                    finally:
+                        self.counters()
+                self.seq = seq = self.seq + 1
+                answer = self.pending[seq] = asyncio.get_running_loop().create_future()
+                self.send({"s": seq, "b": message.bed, "o": [[o.vital, o.value, o.time] for o in observations]})
+                outcome = await answer
         except TimeoutError:
-            raise HL7Error(
-                f"the server did not store the observations within {self.ack_timeout_s:g} s; send again",
-                "AE",
-                message.control_id,
-            ) from None
+            late = f"the observations were not stored within {self.ack_timeout_s:g} s; send again"
+            raise HL7Error(late, "AE", message.control_id) from None
+        except OSError as exc:  # the journal could not be written
+            raise HL7Error(f"{exc}; send again", "AE", message.control_id) from None
         finally:
             self.pending.pop(seq, None)
         if outcome != STORED:
             raise HL7Error("the server could not store the observations; send again", "AE", message.control_id)
 
     def counters(self) -> None:
-        server = self.server
-        if server is not None:
-            self.send(
-                {
-                    "n": {
-                        "rejected": server.rejected,
-                        "connections": server.connections,
-                        "open_connections": server.open_connections,
-                    }
-                }
-            )
+        """Send the counters once this loop turn is over: a flood of connections is one frame a turn."""
+        if not self.counting:
+            self.counting = True
+            asyncio.get_running_loop().call_soon(self._send_counters)
+
+    def _send_counters(self) -> None:
+        self.counting = False
+        counters = {} if self.server is None else self.server.counters()
+        counters.pop("accepted", None)  # the server counts what it stored
+        self.send({"n": counters | ({} if self.journal is None else self.journal.counters())})
 
     async def answers(self) -> None:
         """Resolve stored/failed answers until the server closes the link."""
@@ -282,41 +334,63 @@ class _ChildLink:
                 answer.set_result(record[8])
 
 
-async def _child(fd: int, host: str, port: int, max_frame: int, ack_timeout_s: float) -> int:
+def _prepare(config: dict[str, Any]) -> tuple[StreamsSettings, hl7v2.HL7Policy, JournalWriter | None]:
+    """The settings, the parser's policy and the started journal; OSError: no box key or journal."""
+    settings = dataclasses.replace(DEFAULTS.streams, **config["streams"])
+    state = None if config["state"] is None else Path(config["state"])
+    policy = hl7v2.policy_from_settings(settings, b"" if state is None else box_key(state))
+    journal = None
+    if state is not None and settings.journal:
+        journal = JournalWriter(
+            state / JOURNAL_FILE, settings.journal_sync, settings.max_observation_age_s, settings.journal_max_rows
+        )
+        journal.start()
+    return settings, policy, journal
+
+
+async def _child(fd: int, config: dict[str, Any]) -> int:
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
-    link = _ChildLink(reader, writer, ack_timeout_s)
-    server = link.server = MLLPServer(link.store, host, port, max_frame, on_change=link.counters)
+    host, port = config["host"], config["port"]
     try:
-        await server.start()
-    except OSError as exc:
-        link.send({"error": f"cannot listen for HL7/MLLP on {host}:{port}: {exc.strerror or exc}"})
+        settings, policy, journal = _prepare(config)
+    except (OSError, ValueError) as exc:
+        writer.write(_frame({"error": str(exc)}))
         await writer.drain()
         return 1
-    link.send({"port": server.port})
+    link = _ChildLink(reader, writer, settings.ack_timeout_s, journal)
+    server = link.server = MLLPServer.from_settings(link.store, host, port, settings, link.counters, policy)
     try:
-        await link.answers()
+        try:
+            await server.start()
+        except OSError as exc:
+            link.send({"error": f"cannot listen for HL7/MLLP on {host}:{port}: {exc.strerror or exc}"})
+            await writer.drain()
+            return 1
+        link.send({"port": server.port})
+        try:
+            await link.answers()
+        finally:
+            with contextlib.suppress(TimeoutError):  # monitors still connected must not keep an orphan alive
+                await asyncio.wait_for(server.close(), 1.0)
     finally:
-        with contextlib.suppress(TimeoutError):  # monitors still connected must not keep an orphan alive
-            await asyncio.wait_for(server.close(), 1.0)
+        if journal is not None:
+            journal.close()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="bedside HL7/MLLP ingest (started by the server)")
     parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--host", default=DEFAULTS.server.host)
-    parser.add_argument("--port", type=int, default=DEFAULTS.streams.mllp_port)
-    parser.add_argument("--max-frame", type=int, default=MAX_FRAME)
-    parser.add_argument("--ack-timeout", type=float, default=DEFAULTS.streams.ack_timeout_s)
+    parser.add_argument("--config", required=True, help="JSON: host, port, state folder, streams settings")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then closes the link
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact.install("warning")  # as the server: exceptions logged without messages (HL7 text) or paths
     runner: Any = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop
 
         runner = uvloop.run
-    return int(runner(_child(args.fd, args.host, args.port, args.max_frame, args.ack_timeout)))
+    return int(runner(_child(args.fd, orjson.loads(args.config))))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ WebSocket; every model call goes through the dataplane."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import time
+from pathlib import Path
 from typing import Any
 
 from bedside.alerts.bus import AlertBus
@@ -14,10 +17,12 @@ from bedside.alerts.hl7out import HL7AlertSender
 from bedside.dataplane import Dataplane
 from bedside.errors import InvalidInput
 from bedside.monitoring.latency import LatencyWindow
-from bedside.settings import DEFAULTS, Settings, split_host_port
-from bedside.streams.beds import Beds
+from bedside.settings import DEFAULTS, Settings, split_host_port, state_dir
+from bedside.streams.beds import Beds, states_from
 from bedside.streams.ecg import ECGSession, ECGStats
+from bedside.streams.identity import box_key
 from bedside.streams.ingest import IngestProcess
+from bedside.streams.journal import JOURNAL_FILE, read_rows
 from bedside.streams.scorer import VitalsScorer
 
 BED_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -42,17 +47,39 @@ class Streams:
             HL7AlertSender(self.bus, *target, outbox=settings.alerts.hl7_outbox) if target is not None else None
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self.restored: dict[str, Any] | None = None  # what the journal gave back at start
 
     async def start(self) -> None:
-        """Start the HL7 ingest, the alert sender and the scorer. OSError: the MLLP port is taken."""
+        """Restore the beds from the journal, start the HL7 ingest, the alert sender and the scorer.
+        OSError: the MLLP port is taken, or the state folder cannot hold the box key or journal."""
         streams = self.settings.streams
         if streams.mllp_port >= 0:
+            loop = asyncio.get_running_loop()
+            folder = state_dir(streams.state_dir, os.environ)
+            try:
+                await loop.run_in_executor(None, box_key, folder)
+            except OSError as exc:
+                raise OSError(
+                    f"the state folder (streams.state_dir) cannot hold this box's key: {exc.strerror or exc}"
+                ) from None
+            if streams.journal:
+                await self._restore(folder)
             host = streams.mllp_host or self.settings.server.host
-            self.mllp = IngestProcess(self.beds.add, host, streams.mllp_port, streams.ack_timeout_s)
+            self.mllp = IngestProcess(self.beds.add, host, settings=streams, state=folder)
             await self.mllp.start()
         if self.hl7_out is not None:
             self.hl7_out.start()
         self._tasks.append(asyncio.create_task(self.scorer.run()))
+
+    async def _restore(self, folder: Path) -> None:
+        """The per-bed windows from the journal, before the ingest starts. Read and rebuilt in a
+        worker thread (a full journal is millions of rows); only the hand-over runs on the loop."""
+        since = time.time() - self.settings.streams.max_observation_age_s
+        started = time.monotonic()
+        rows = read_rows(folder / JOURNAL_FILE, since)
+        states = await asyncio.get_running_loop().run_in_executor(None, states_from, rows)
+        self.beds.restore(states)
+        self.restored = {"beds": len(states), "seconds": round(time.monotonic() - started, 3)}
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -78,19 +105,12 @@ class Streams:
         return [alert.to_dict() for alert in self.bus.recent]
 
     def status(self) -> dict[str, Any]:
+        journal = self.settings.streams.journal and self.mllp is not None
         return {
             "beds": len(self.beds),
-            "mllp": None
-            if self.mllp is None
-            else {
-                "port": self.mllp.port,
-                "accepted": self.mllp.accepted,
-                "rejected": self.mllp.rejected,
-                "connections": self.mllp.connections,
-                "open_connections": self.mllp.open_connections,
-                "ingest_pid": self.mllp.pid,
-                "ingest_restarts": self.mllp.restarts,
-            },
+            "beds_evicted": self.beds.evicted,
+            "mllp": None if self.mllp is None else self.mllp.status(),
+            "journal": {"sync": self.settings.streams.journal_sync, "restored": self.restored} if journal else None,
             "scoring": {
                 "interval_s": self.settings.scoring.interval_s,
                 "cycles": self.scorer.cycles,
