@@ -61,6 +61,10 @@ class Signature:
                 raise InvalidInput(f"model {self.model!r}: unknown outputs {unknown}; it has {sorted(self.outputs)}")
         return batch
 
+    def finite(self, outputs: dict[str, np.ndarray]) -> bool:
+        """True when the outputs need no closer look: all finite, or the model allows otherwise."""
+        return not self.finite_only or all(a.dtype.kind != "f" or np.isfinite(a).all() for a in outputs.values())
+
     def check_outputs(self, outputs: dict[str, np.ndarray]) -> None:
         """NonFiniteOutput when a float output holds NaN or Infinity and the model does not allow them."""
         if not self.finite_only:

@@ -65,6 +65,7 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
 
     limits: ConnectionLimits
     refused = 0  # connections and requests refused by the guards, over all connections
+    _ticks = 0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -73,14 +74,14 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._message_done = True
         self._closed_by_guard = False
-        self._since = 0.0  # loop time of the connection, or of its last request's start
+        self._since = 0  # order of the connection, or of its last request's start (`_tick`)
 
     # --- connection -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         limits = self.limits
-        self._since = self.loop.time()
+        self._since = self._tick()
         if len(self.connections) > limits.max_connections and not self._make_room():
             self._refuse(503, f"the server has {limits.max_connections} connections open, its limit; retry shortly")
             return
@@ -133,14 +134,14 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._since = self.loop.time()  # an upload ages from its headers
+        self._since = self._tick()  # an upload ages from its headers
         self._disarm()
         self._in_headers = False
         self._message_done = False
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._since = self.loop.time()  # an idle keep-alive connection ages from its last request
+        self._since = self._tick()  # an idle keep-alive connection ages from its last request
         self._disarm()
         self._in_headers = True  # what follows on this connection is the next request's headers
         self._header_bytes = 0
@@ -148,6 +149,12 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     # --- guards -----------------------------------------------------------------------------
+
+    @classmethod
+    def _tick(cls) -> int:
+        """An ever-growing count: only the order of events matters for making room, not their time."""
+        cls._ticks += 1
+        return cls._ticks
 
     def _make_room(self) -> bool:
         """At the cap, close the connection that has waited longest for a request that has not
