@@ -128,12 +128,10 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
 
     # --- parser callbacks -------------------------------------------------------------------
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self.headers) >= self.limits.max_headers:
-            raise _Refused(431, f"more than {self.limits.max_headers} headers")
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
+        # counted here, not per header: the byte bound already caps what a flood of headers can hold
+        if len(self.headers) > self.limits.max_headers:
+            raise _Refused(431, f"more than {self.limits.max_headers} headers")
         self._since = self._tick()  # an upload ages from its headers
         self._disarm()
         self._in_headers = False
