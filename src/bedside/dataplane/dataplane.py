@@ -84,7 +84,7 @@ class Dataplane:
             queue = self._serving(model, number)
             future = queue.submit(request, context)
         outputs = await future
-        return InferResponse(model, queue.version_text, outputs, request.id)
+        return InferResponse(model, queue.version_text, outputs, request.id, finite=queue.signature.finite_only)
 
     def check_served(self, model: str, version: str | None) -> int | None:
         """Raise what `infer` would for a model version that is not served, before a transport

@@ -192,7 +192,8 @@ def encode_response(response: InferResponse, request: InferRequest | None = None
         else:
             flat = np.ascontiguousarray(array).reshape(-1)
             # orjson would write NaN/Infinity as null; spell them as protobuf's JSON mapping does
-            entry["data"] = _spelled(flat) if flat.dtype.kind == "f" and not np.isfinite(flat).all() else flat
+            spell = not response.finite and flat.dtype.kind == "f" and not np.isfinite(flat).all()
+            entry["data"] = _spelled(flat) if spell else flat
         outs.append(entry)
     doc: dict[str, Any] = {
         "model_name": response.model_name,

@@ -49,3 +49,4 @@ class InferResponse:
     outputs: dict[str, np.ndarray]
     id: str | None = None
     parameters: dict[str, Any] | None = None
+    finite: bool = False  # outputs known free of NaN/Infinity (checked by the scheduler), so encoders skip it
