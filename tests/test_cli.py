@@ -64,3 +64,27 @@ def test_infer_reports_server_errors_without_a_traceback(server):
     assert result.exit_code == 1 and "HTTP 404" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["infer", "breast_mass_malignancy", "--url", server.url, "-d", "[[1, 2]]"])
     assert result.exit_code == 1 and "expected shape" in result.output
+
+
+def test_user_mistakes_end_in_one_line_and_exit_2_never_a_traceback(tmp_path):
+    """Issue 11: a missing file, a file that is not a pickle, an unknown reference name each ended
+    in a traceback. The entry point turns them into one line; --debug shows the traceback."""
+    import subprocess
+    import sys
+
+    not_pickle = tmp_path / "model.pkl"
+    not_pickle.write_text("not a pickle")
+    cases = [
+        (["--model-file", str(tmp_path / "nosuch.pkl"), "--sample", str(tmp_path / "x.npy")], "No such file"),
+        (["--model-file", str(not_pickle), "--sample", str(not_pickle)], "cannot use the input given"),
+        (["--reference", "nosuch"], "unknown reference model 'nosuch'; choose one of ecg_cnn"),
+    ]
+    entry = "from bedside.cli import main; main()"
+    for extra, reason in cases:
+        argv = [sys.executable, "-c", entry, "export", "m", "-r", str(tmp_path / "repo"), *extra]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        output = done.stdout + done.stderr
+        assert done.returncode == 2 and reason in output and "Traceback" not in output, output
+        assert len(output.strip().splitlines()) == 1, output
+    debug = subprocess.run([*argv, "--debug"], capture_output=True, text=True, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -3,14 +3,20 @@ this one (serving, pipeline, tools; common holds what they share)."""
 
 from __future__ import annotations
 
+import pickle
+import sys
+
 import typer
+from rich.markup import escape
 
 from bedside.cli import pipeline, serving, tools
+from bedside.cli.common import console
 
 app = typer.Typer(
     help="bedside: a point-of-care AI inference server (Open Inference Protocol v2).",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,  # main() turns exceptions into one line (--debug: the traceback)
 )
 
 app.command()(serving.serve)
@@ -25,7 +31,36 @@ app.command()(tools.replay)
 
 
 def main() -> None:
-    app()
+    """Run the command. A mistake the user can fix (a missing or unreadable file, a value the
+    command cannot use) ends in one line and exit code 2; anything else in one line naming where it
+    happened and exit code 1. `--debug` (anywhere on the line) shows the traceback instead."""
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        app()
+    except Exception as exc:
+        if debug:
+            raise
+        code, message = explain(exc)
+        console.print(f"[red]{escape(message)}[/red]", soft_wrap=True)
+        sys.exit(code)
+
+
+def explain(exc: Exception) -> tuple[int, str]:
+    """(exit code, one line) for an exception that reached the command line."""
+    from bedside.errors import BedsideError
+    from bedside.monitoring.redact import describe_exception
+
+    if isinstance(exc, BedsideError):
+        return 2, exc.message
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return 2, f"cannot use {exc.filename}: {exc.strerror or type(exc).__name__}"
+    if isinstance(exc, (ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError)):
+        text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        detail = text.splitlines()[0][:200] if text else type(exc).__name__
+        return 2, f"cannot use the input given: {detail} (add --debug for the traceback)"
+    return 1, f"unexpected error: {describe_exception(exc)} (add --debug for the traceback)"
 
 
 __all__ = ["app", "main"]
