@@ -121,11 +121,16 @@ def numbers_as(data: Any, dtype: np.dtype, name: str, datatype: str) -> np.ndarr
     return raw.astype(dtype, copy=False)
 
 
-def _exact_integers(data: Any, shape: tuple[int, ...], name: str, datatype: str) -> np.ndarray:
+def _elements(data: Any, shape: tuple[int, ...], name: str) -> list[Any]:
+    """The elements of `data` as they came from JSON (the slow paths look at each one)."""
     values = np.array(data, dtype=object)
     if values.shape != shape:
         raise InvalidInput(f"input {name!r}: 'data' is not a regular (non-ragged) list of numbers")
-    flat = values.reshape(-1).tolist()
+    return values.reshape(-1).tolist()
+
+
+def _exact_integers(data: Any, shape: tuple[int, ...], name: str, datatype: str) -> np.ndarray:
+    flat = _elements(data, shape, name)
     if not all(type(v) is int for v in flat):
         raise InvalidInput(f"input {name!r}: {datatype} data must be integers")
     low, high = min(flat), max(flat)
@@ -137,12 +142,10 @@ def _exact_integers(data: Any, shape: tuple[int, ...], name: str, datatype: str)
 
 def _spelled_floats(data: Any, shape: tuple[int, ...], name: str, datatype: str) -> np.ndarray:
     """Numbers mixed with "NaN"/"Infinity"/"-Infinity" (the slow path; anything else is refused)."""
-    values = np.array(data, dtype=object)
-    if values.shape != shape:
-        raise InvalidInput(f"input {name!r}: 'data' is not a regular (non-ragged) list of numbers")
+    values = _elements(data, shape, name)
     out = np.empty(shape, dtype=np.float64)
     flat = out.reshape(-1)
-    for i, value in enumerate(values.reshape(-1).tolist()):
+    for i, value in enumerate(values):
         if isinstance(value, str) and value in NON_FINITE_TEXT:
             flat[i] = NON_FINITE_TEXT[value]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
