@@ -4,6 +4,7 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from bedside.dataplane import Dataplane
@@ -101,3 +102,67 @@ def test_stats_record_latency(engine):
     assert row["success_count"] == 5
     lat = row["latency"]
     assert lat["count"] == 5 and 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+
+
+def test_a_refused_reload_is_visible_in_the_index(engine, tmp_path):
+    (tmp_path / "scale" / "2").mkdir()
+    (tmp_path / "scale" / "2" / "model.onnx").write_bytes(b"truncated download")
+    with pytest.raises(ModelLoadError):
+        load(engine, "scale")
+    rows = states(engine)
+    assert rows["scale/1"][0] == "READY" and "last reload refused" in rows["scale/1"][1]
+    assert rows["scale/2"][0] == "UNAVAILABLE" and "ONNX Runtime cannot load" in rows["scale/2"][1]
+
+
+def test_statistics_outlive_unload_and_come_back_with_the_version(engine, tmp_path):
+    for _ in range(3):
+        infer(engine, "scale", np.ones((1, 4), np.float32))
+    asyncio.run(engine.unload("scale"))
+    (stats,) = engine.statistics("scale", None)
+    assert stats.state == "UNLOADED" and stats.success.count == 3
+    assert states(engine)["scale/1"] == ("UNLOADED", "unloaded")
+    load(engine, "scale")
+    infer(engine, "scale", np.ones((1, 4), np.float32))
+    (stats,) = engine.statistics("scale", None)
+    assert stats.state == "READY" and stats.success.count == 4
+    # a version retired by the policy keeps its numbers too, and is a 404 with the reason
+    scale_model(tmp_path / "scale" / "2" / "model.onnx", factor=3.0)
+    load(engine, "scale")
+    by_version = {s.version: s for s in engine.statistics("scale", None)}
+    assert by_version["1"].state == "UNLOADED" and by_version["1"].success.count == 4
+    with pytest.raises(NotFound, match="no version 1 loaded .not selected by the version policy"):
+        infer(engine, "scale", np.ones((1, 4), np.float32), "1")
+
+
+@pytest.mark.parametrize("provenance", ["synthetic", "untrained"])
+def test_provenance_is_in_the_index_and_in_every_answer(tmp_path, provenance):
+    path = scale_model(tmp_path / "m" / "1" / "model.onnx")
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {"bedside.provenance": provenance, "bedside.provenance_note": "demo only"})
+    onnx.save(model, str(path))
+    scale_model(tmp_path / "plain" / "1" / "model.onnx")
+    eng = Dataplane(tmp_path)
+    eng.start()
+    try:
+        rows = {(r.name, r.version): r for r in eng.repository_index()}
+        assert rows["m", "1"].provenance == provenance and rows["m", "1"].provenance_note == "demo only"
+        assert rows["m", "1"].to_dict()["provenance"] == provenance
+        assert rows["plain", "1"].provenance == "trained"
+        assert infer(eng, "m", np.ones((1, 4), np.float32)).parameters == {"provenance": provenance}
+        assert infer(eng, "plain", np.ones((1, 4), np.float32)).parameters is None
+    finally:
+        eng.close()
+
+
+def test_an_unknown_provenance_does_not_load(tmp_path):
+    path = scale_model(tmp_path / "m" / "1" / "model.onnx")
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {"bedside.provenance": "validated-by-me"})
+    onnx.save(model, str(path))
+    eng = Dataplane(tmp_path)
+    eng.start()
+    try:
+        (row,) = eng.repository_index()
+        assert row.state == "UNAVAILABLE" and "is not one of trained, synthetic, untrained" in row.reason
+    finally:
+        eng.close()

@@ -84,7 +84,9 @@ class Dataplane:
             queue = self._serving(model, number)
             future = queue.submit(request, context)
         outputs = await future
-        return InferResponse(model, queue.version_text, outputs, request.id, finite=queue.signature.finite_only)
+        return InferResponse(
+            model, queue.version_text, outputs, request.id, queue.answer_parameters, queue.signature.finite_only
+        )
 
     def check_served(self, model: str, version: str | None) -> int | None:
         """Raise what `infer` would for a model version that is not served, before a transport
@@ -101,9 +103,10 @@ class Dataplane:
 
     def _explain_missing(self, name: str, version: int | None) -> NoReturn:
         entry = self._manager.entry(name)  # raises NotFound for a model not in the repository
-        if version is not None and version not in entry.versions:
-            raise NotFound(f"model {name!r} has no version {version} loaded; it serves {entry.ready_versions()}")
         status = entry.versions.get(version) if version is not None else None
+        if version is not None and (status is None or status.state is State.UNLOADED):
+            why = f" ({status.reason})" if status is not None else ""
+            raise NotFound(f"model {name!r} has no version {version} loaded{why}; it serves {entry.ready_versions()}")
         reason = (status.reason if status else "") or entry.reason or entry.state.value.lower()
         raise Unavailable(f"model {name!r} is not ready: {reason}")
 
@@ -167,8 +170,18 @@ class Dataplane:
             if not entry.versions:
                 rows.append(RepositoryEntry(entry.name, None, entry.state.value, entry.reason))
             for version, status in sorted(entry.versions.items()):
-                provider = status.model.provider if status.model is not None else None
-                rows.append(RepositoryEntry(entry.name, str(version), status.state.value, status.reason, provider))
+                model = status.model
+                rows.append(
+                    RepositoryEntry(
+                        entry.name,
+                        str(version),
+                        status.state.value,
+                        status.reason or (entry.reason if status.state is State.READY else ""),
+                        model.provider if model is not None else None,
+                        status.provenance,
+                        status.provenance_note,
+                    )
+                )
         return rows
 
     async def load(self, name: str) -> None:

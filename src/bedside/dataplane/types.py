@@ -59,6 +59,8 @@ class RepositoryEntry:
     state: str  # READY | LOADING | UNAVAILABLE | UNLOADED
     reason: str = ""
     provider: str | None = None
+    provenance: str | None = None  # trained | synthetic | untrained (None: never loaded)
+    provenance_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         row: dict[str, Any] = {"name": self.name}
@@ -68,6 +70,10 @@ class RepositoryEntry:
         row["reason"] = self.reason
         if self.provider is not None:
             row["provider"] = self.provider
+        if self.provenance is not None:
+            row["provenance"] = self.provenance
+        if self.provenance_note:
+            row["provenance_note"] = self.provenance_note
         return row
 
 

@@ -37,6 +37,8 @@ class VersionStatus:
     reason: str = ""
     model: OnnxModel | None = None
     stats: ModelStats = field(default_factory=ModelStats)
+    provenance: str | None = None  # from the model's metadata once it has loaded; kept after unload
+    provenance_note: str = ""
 
 
 @dataclass
@@ -68,8 +70,8 @@ class RepositoryManager:
         for name in self.store.names():
             try:
                 self.load(name)
-            except BedsideError as exc:
-                log.warning("model %s is unavailable: %s", name, exc.message)
+            except BedsideError:
+                pass  # logged by load(), with the reason, as every refused load is
             except Exception as exc:  # one model's surprise must not keep the others from loading
                 log.error("model %s could not be loaded: %s", name, type(exc).__name__)
                 self._entries[name] = ModelEntry(
@@ -97,19 +99,32 @@ class RepositoryManager:
             new = self._build(name)
             ready = new.ready_versions()
             if not ready and old is not None and old.ready_versions():
+                # the refusal stays visible in the index (and the log), not only in the caller's answer
+                old.reason = f"last reload refused: {new.reason}"
+                for version, status in new.versions.items():
+                    if version not in old.versions:
+                        old.versions[version] = status
+                serving = old.ready_versions()
+                log.warning("reload of %s refused (%s); still serving versions %s", name, new.reason, serving)
                 raise ModelLoadError(
                     f"reload of {name!r} failed ({new.reason}); still serving versions {old.ready_versions()}"
                 )
-            for version in ready:
-                status = new.versions[version]
+            if not ready:
+                log.warning("model %s is unavailable: %s", name, new.reason)
+            for version, status in new.versions.items():
                 if old is not None and version in old.versions:
                     status.stats = old.versions[version].stats  # a reload keeps the history
+            for version in ready:
+                status = new.versions[version]
                 assert status.model is not None
                 self._attach(status.model, status.stats)
             if old is not None:
                 for version in old.ready_versions():
                     if version not in ready:
                         self._detach(name, version)
+                for version, status in old.versions.items():  # retired versions keep their statistics
+                    if version not in new.versions:
+                        new.versions[version] = _retired(status, "not selected by the version policy any more")
             self._entries[name] = new
         if not ready:
             raise ModelLoadError(f"model {name!r} is unavailable: {new.reason}")
@@ -120,7 +135,10 @@ class RepositoryManager:
             entry = self.entry(name)
             for version in entry.ready_versions():
                 self._detach(name, version)
-            self._entries[name] = ModelEntry(name, entry.config, state=State.UNLOADED, reason="unloaded")
+            # the versions stay listed, UNLOADED, with their statistics: what a model did is not
+            # forgotten because it was taken off the air
+            versions = {v: _retired(s, "unloaded") for v, s in entry.versions.items()}
+            self._entries[name] = ModelEntry(name, entry.config, versions, state=State.UNLOADED, reason="unloaded")
 
     def _build(self, name: str) -> ModelEntry:
         entry = ModelEntry(name, state=State.LOADING)
@@ -163,5 +181,21 @@ class RepositoryManager:
             return VersionStatus(version, State.UNAVAILABLE, exc.message)
         except Exception as exc:  # warm-up on a broken graph raises ORT's own errors
             return VersionStatus(version, State.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
-        log.info("loaded %s v%d on %s", entry.name, version, model.provider)
-        return VersionStatus(version, State.READY, model=model, stats=ModelStats(self.max_tenant_stats))
+        log.info("loaded %s v%d on %s (%s weights)", entry.name, version, model.provider, model.provenance)
+        return VersionStatus(
+            version,
+            State.READY,
+            model=model,
+            stats=ModelStats(self.max_tenant_stats),
+            provenance=model.provenance,
+            provenance_note=model.provenance_note,
+        )
+
+
+def _retired(status: VersionStatus, reason: str) -> VersionStatus:
+    """A version no longer served: its state and why, its statistics and provenance; not its session."""
+    if status.state is State.UNAVAILABLE:
+        return status
+    return VersionStatus(
+        status.version, State.UNLOADED, reason, None, status.stats, status.provenance, status.provenance_note
+    )

@@ -20,6 +20,13 @@ ort.disable_telemetry_events()  # belt and braces with ORT_DISABLE_TELEMETRY (se
 # Small models lose more to thread hand-offs than they gain from a second core.
 _SMALL_MODEL_BYTES = 4 << 20
 
+# Where a model's weights come from, stamped by `bedside export`/`optimize` and the demo into the
+# ONNX metadata (so it travels with the file, per version). A model without the stamp (one the
+# user brought) counts as trained; the others say what they are in every answer and in the index.
+PROVENANCE_KEY = "bedside.provenance"
+PROVENANCE_NOTE_KEY = "bedside.provenance_note"
+PROVENANCES = ("trained", "synthetic", "untrained")
+
 
 def graph_io(session: ort.InferenceSession) -> tuple[list[GraphTensor], list[GraphTensor]]:
     return [_graph_tensor(a, "input") for a in session.get_inputs()], [
@@ -66,6 +73,18 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0][:400]
 
 
+def read_provenance(session: ort.InferenceSession) -> tuple[str, str]:
+    """(provenance, note) from the model's metadata; an unknown value is a load error, since a
+    mislabelled untrained model is worse than one that does not load."""
+    meta = session.get_modelmeta().custom_metadata_map
+    provenance = meta.get(PROVENANCE_KEY, "trained").strip().lower()
+    if provenance not in PROVENANCES:
+        raise ModelLoadError(
+            f"model metadata {PROVENANCE_KEY}={provenance[:32]!r} is not one of {', '.join(PROVENANCES)}"
+        )
+    return provenance, meta.get(PROVENANCE_NOTE_KEY, "").strip()[:200]
+
+
 class OnnxModel:
     """A loaded, validated model version, ready to run."""
 
@@ -77,6 +96,8 @@ class OnnxModel:
         self.session = session
         self.output_names = [o.name for o in config.outputs]
         self.provider = session.get_providers()[0]
+        self.provenance, self.provenance_note = read_provenance(session)
+
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
         names = output_names or self.output_names

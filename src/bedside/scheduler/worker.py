@@ -41,6 +41,8 @@ class ModelQueue:
     ) -> None:
         self.model = model
         self.version_text = str(model.version)
+        # every answer of a version trained on synthetic data or not at all says so (read-only, shared)
+        self.answer_parameters = None if model.provenance == "trained" else {"provenance": model.provenance}
         self.stats = stats
         self.signature = Signature(model.config)
         self.policy = model.config.scheduling

@@ -315,11 +315,19 @@ def _duration(count: int, ns: int) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=max(count, 0), ns=max(ns, 0))
 
 
+def _index_reason(row: RepositoryEntry) -> str:
+    """The proto's index has no provenance field: a version trained on synthetic data, or not
+    trained at all, says so in its reason."""
+    if row.provenance in (None, "trained"):
+        return row.reason
+    return "; ".join(part for part in (f"{row.provenance} weights", row.provenance_note, row.reason) if part)
+
+
 def repository_index(rows: list[RepositoryEntry], ready_only: bool) -> pb.RepositoryIndexResponse:
     return pb.RepositoryIndexResponse(
         models=[
             pb.RepositoryIndexResponse.ModelIndex(
-                name=row.name, version=row.version or "", state=row.state, reason=row.reason
+                name=row.name, version=row.version or "", state=row.state, reason=_index_reason(row)
             )
             for row in rows
             if not ready_only or row.state == "READY"
