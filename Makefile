@@ -1,24 +1,33 @@
 # The two commands of the README: `make run` and `make test`. Both set up .venv themselves.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c  # a failing pip fails the step even though its output is filtered
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Server options, e.g. make run PORT=9000 or SERVE_ARGS="--grpc-port -1"; every default lives in
-# src/bedside/settings.py (bedside settings lists them).
+# Server options, e.g. make run PORT=9000 GRPC_PORT=9001 MLLP_PORT=2576 (-1: that listener off) or
+# SERVE_ARGS="--no-streams"; every default lives in src/bedside/settings.py (bedside settings lists them).
 SERVE_ARGS ?=
 SERVE_ARGS += $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+SERVE_ARGS += $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) $(if $(MLLP_PORT),--mllp-port $(MLLP_PORT))
 
 .PHONY: run test lint bench demo proto settings clean
 
+# pip prints a line per package (no progress bars, which are noise in logs), so a first run shows
+# what it is doing; later runs skip this step.
+PIP := $(PY) -m pip install --progress-bar off --disable-pip-version-check
+
 $(VENV)/.demo: pyproject.toml
+	@echo "== setting up $(VENV): the server, ONNX Runtime, scikit-learn/LightGBM and torch (CPU) for the demo models"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[pipeline]'
+	$(PIP) -q --upgrade pip
+	$(PIP) -e '.[pipeline]' | { grep -E '^(Collecting|Successfully)' || true; }
 	touch $@
 
 $(VENV)/.dev: pyproject.toml
+	@echo "== setting up $(VENV): the server, the pipeline extras and the test tools"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PIP) -q --upgrade pip
+	$(PIP) -e '.[dev]' | { grep -E '^(Collecting|Successfully)' || true; }
 	touch $@ $(VENV)/.demo
 
 run: $(VENV)/.demo

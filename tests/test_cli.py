@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from bedside.cli import app
@@ -60,10 +61,54 @@ def test_infer_against_a_running_server(server):
 
 
 def test_infer_reports_server_errors_without_a_traceback(server):
+    """What the server refuses is the user's to fix: one line with its reason, exit 2."""
     result = runner.invoke(app, ["infer", "nope", "--url", server.url, "-d", "[[1]]"])
-    assert result.exit_code == 1 and "HTTP 404" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "HTTP 404" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["infer", "breast_mass_malignancy", "--url", server.url, "-d", "[[1, 2]]"])
-    assert result.exit_code == 1 and "expected shape" in result.output
+    assert result.exit_code == 2 and "expected shape" in result.output
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ('[[59, "two", 32.1]]', "not a number"),
+        ("[[1, 2, 3], [4, 5]]", "different lengths"),
+        ("[[1, 2", "not valid JSON"),
+    ],
+)
+def test_infer_refuses_bad_rows_in_one_line(server, data, reason):
+    result = runner.invoke(app, ["infer", "diabetes_progression", "--url", server.url, "-d", data])
+    assert result.exit_code == 2 and reason in result.output and result.exception is None or isinstance(
+        result.exception, SystemExit
+    ), result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_taken_port_is_found_before_anything_loads_and_names_the_flag(tmp_path):
+    """Issue 11: a second `bedside serve` died on the MLLP port after loading every model."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, names in [
+            (["--mllp-port", str(port), "--grpc-port", "-1"], "--mllp-port"),
+            (["--grpc-port", str(port), "--mllp-port", "-1"], "--grpc-port"),
+            (["--port", str(port), "--grpc-port", "-1", "--mllp-port", "-1"], "--port"),
+        ]:
+            # a repository that does not exist yet would be an error too: the port check comes first
+            argv = [sys.executable, "-m", "bedside", "serve", "-r", str(tmp_path), *flags]
+            if "--port" not in flags:
+                from tests.conftest import free_port
+
+                argv += ["--port", str(free_port())]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            output = done.stdout + done.stderr
+            assert done.returncode == 1 and "Address already in use" in output and names in output, output
+            assert "Traceback" not in output and "loaded" not in output
 
 
 def test_user_mistakes_end_in_one_line_and_exit_2_never_a_traceback(tmp_path):

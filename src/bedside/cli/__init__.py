@@ -39,6 +39,11 @@ def main() -> None:
         sys.argv.remove("--debug")
     try:
         app()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        console.print("interrupted")
+        sys.exit(130)
     except Exception as exc:
         if debug:
             raise

@@ -57,6 +57,7 @@ def _call(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except ServerError as exc:
-        fail(str(exc), 1)
+        # the server refused what the user sent (400, 404, 413, 422): the user's to fix, exit 2
+        fail(str(exc), 2 if 400 <= exc.status < 500 and exc.status not in (408, 429) else 1)
     except OSError as exc:
-        fail(f"cannot reach the server: {exc}", 1)
+        fail(f"cannot reach the server: {exc.strerror or exc} (is `bedside serve` running? see --url)", 1)

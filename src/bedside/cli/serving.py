@@ -170,9 +170,14 @@ def serve(
         "alerts_hl7": alerts_hl7,
     }
     settings, _ = _settings_or_exit(os.environ, options, sets or ())
-    root = _repository(repository)
-    from bedside.server.run import StartupError
+    from bedside.server.run import StartupError, check_ports
     from bedside.server.run import serve as run_server
+
+    try:
+        check_ports(settings)  # before the demo is built or a model loaded: a taken port fails in a second
+    except StartupError as exc:
+        fail(f"bedside cannot start: {exc}", 1)
+    root = _repository(repository)
 
     console.print(escape(describe(settings, repository)), soft_wrap=True)
     try:
@@ -244,16 +249,21 @@ def models(
     if as_json:
         typer.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return
-    table = Table("model", "version", "state", "provider", "reason")
+    # a weights column only when some version is trained on synthetic data or not at all
+    flagged = any(row.get("provenance") not in (None, "trained") for row in rows)
+    table = Table("model", "version", "state", "provider", *(("weights",) if flagged else ()), "reason")
     for row in rows:
         style = "green" if row.get("state") == "READY" else "red"
-        table.add_row(
+        weights = row.get("provenance") or ""
+        cells = [
             escape(row["name"]),
             escape(row.get("version", "-")),
             f"[{style}]{escape(row.get('state', ''))}[/{style}]",
             (row.get("provider") or "").replace("ExecutionProvider", ""),
-            escape(row.get("reason", "")),
-        )
+        ]
+        if flagged:
+            cells.append("" if weights in ("", "trained") else f"[yellow]{escape(weights)}[/yellow]")
+        table.add_row(*cells, escape(row.get("reason", "")))
     console.print(table)
 
 
@@ -275,15 +285,35 @@ def infer(
     if len(meta["inputs"]) != 1:
         fail(f"{model} takes {len(meta['inputs'])} inputs; use a client library for that", 2)
     spec = meta["inputs"][0]
+    if input_file is not None and data:
+        fail("give --data or --npy, not both", 2)
     if input_file is not None:
-        array = np.load(input_file)
+        array = np.load(input_file, allow_pickle=False)
     elif data:
-        try:
-            array = np.asarray(orjson.loads(data))
-        except orjson.JSONDecodeError as exc:
-            fail(f"--data is not valid JSON: {exc}", 2)
+        array = _rows(data, spec)
     else:
         fail("give --data or --npy", 2)
-    array = array.astype(numpy_dtype(spec["datatype"]))
+    dtype = numpy_dtype(spec["datatype"])
+    if spec["datatype"] != "BYTES" and array.dtype.kind not in "biuf":
+        fail(f"{model} takes {spec['datatype']} numbers; the values given are {array.dtype.name}", 2)
+    array = array.astype(dtype)
     result = _call(lambda: client.infer(model, {spec["name"]: array}, version))
     console.print_json(orjson.dumps(result).decode())
+
+
+def _rows(data: str, spec: dict[str, Any]) -> np.ndarray:
+    """--data as an array: valid JSON, numbers (or strings for BYTES), rows of one length."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        fail(f"--data is not valid JSON: {exc}", 2)
+    try:
+        array = np.asarray(value)
+    except ValueError:  # numpy refuses ragged nesting
+        fail("--data rows have different lengths; every row needs one value per feature", 2)
+    if array.dtype == object:
+        fail("--data rows have different lengths or mix numbers with other values", 2)
+    if spec["datatype"] != "BYTES" and array.dtype.kind not in "biuf":
+        sample = next((v for v in array.ravel() if not isinstance(v, (int, float))), array.ravel()[0])
+        fail(f"--data holds {str(sample)[:40]!r}, not a number; {spec['name']} is {spec['datatype']}", 2)
+    return array

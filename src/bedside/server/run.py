@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -28,8 +29,16 @@ class StartupError(Exception):
     """The server cannot start as configured (a port is taken, ...); the message says why."""
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """The HTTP socket, bound here so a taken port is a clear start-up error, not uvicorn's exit."""
+# What each listener is, and the option that moves it: a taken port names the fix.
+_LISTENERS = {
+    "HTTP": "--port (make run PORT=...)",
+    "gRPC": "--grpc-port, -1 for none (make run GRPC_PORT=...)",
+    "HL7 MLLP": "--mllp-port, -1 for none (make run MLLP_PORT=...)",
+}
+
+
+def _bind(host: str, port: int, what: str = "HTTP") -> socket.socket:
+    """A listening socket's bind, here so a taken port is a clear start-up error, not uvicorn's exit."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -37,8 +46,30 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise StartupError(f"HTTP: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        taken = " (another bedside or another server uses it)" if exc.errno == errno.EADDRINUSE else ""
+        raise StartupError(
+            f"{what} cannot listen on {host}:{port}: {exc.strerror or exc}{taken}; "
+            f"choose another with {_LISTENERS[what]}"
+        ) from None
     return sock
+
+
+def check_ports(settings: Settings) -> None:
+    """Raise StartupError if a port the server will listen on is taken, before anything slow
+    (building the demo, loading models) is done. The listeners bind again for real at start."""
+    server, streams = settings.server, settings.streams
+    wanted = [("HTTP", server.host, server.http_port)]
+    if server.grpc_port >= 0:
+        wanted.append(("gRPC", server.host, server.grpc_port))
+    if streams.enabled and streams.mllp_port >= 0:
+        wanted.append(("HL7 MLLP", streams.mllp_host or server.host, streams.mllp_port))
+    ports = [port for _, _, port in wanted if port]
+    if len(set(ports)) != len(ports):
+        raise StartupError(
+            "two listeners are given the same port: " + ", ".join(f"{what} {port}" for what, _, port in wanted)
+        )
+    for what, host, port in wanted:
+        _bind(host, port, what).close()
 
 
 def serve(repository: Path, settings: Settings) -> None:
@@ -102,7 +133,7 @@ async def _serve(repository: Path, settings: Settings) -> None:
             try:
                 await streams.start()
             except OSError as exc:  # e.g. the MLLP port is taken: say so and do not start half a server
-                raise StartupError(f"streams: {exc}") from None
+                raise StartupError(f"streams: {exc}; {_LISTENERS['HL7 MLLP']}") from None
         if server.grpc_port >= 0:
             from bedside.server.grpc import start_grpc_server
 
@@ -117,7 +148,7 @@ async def _serve(repository: Path, settings: Settings) -> None:
                     server.inline_decode_kb << 10,
                 )
             except OSError as exc:
-                raise StartupError(f"gRPC: {exc}") from None
+                raise StartupError(f"gRPC: {exc}; choose another with {_LISTENERS['gRPC']}") from None
         loading = asyncio.get_running_loop().run_in_executor(None, dataplane.start)
         loading.add_done_callback(_report_loading)
         await http.serve(sockets=[sock])
