@@ -21,6 +21,17 @@ def test_help_texts_describe_each_command():
     assert "Default: 8001" in serve.output  # the effective default, from bedside.settings
 
 
+def test_help_texts_show_plain_metavars():
+    """Issue 11: typer 0.27+ printed `<bool>` after --help and `{name}` in usage lines."""
+    import re
+
+    import typer.main
+
+    for command in typer.main.get_command(app).commands:  # type: ignore[attr-defined]
+        text = runner.invoke(app, [command, "--help"], terminal_width=200).output
+        assert not re.search(r"<(str|int|float|bool|path)>|\{[a-z_]+\}", text), (command, text)
+
+
 def test_the_entry_points_reach_the_same_app():
     import bedside.cli
 
