@@ -46,11 +46,12 @@ def _bind(host: str, port: int, what: str = "HTTP") -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        taken = " (another bedside or another server uses it)" if exc.errno == errno.EADDRINUSE else ""
-        raise StartupError(
-            f"{what} cannot listen on {host}:{port}: {exc.strerror or exc}{taken}; "
-            f"choose another with {_LISTENERS[what]}"
-        ) from None
+        if exc.errno == errno.EADDRNOTAVAIL:  # the address, not the port, is wrong
+            fix = " (not an address of this machine); choose another with --host"
+        else:
+            taken = " (another bedside or another server uses it)" if exc.errno == errno.EADDRINUSE else ""
+            fix = f"{taken}; choose another with {_LISTENERS[what]}"
+        raise StartupError(f"{what} cannot listen on {host}:{port}: {exc.strerror or exc}{fix}") from None
     return sock
 
 
