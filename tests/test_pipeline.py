@@ -265,3 +265,59 @@ def test_cuda_provider_is_chosen_when_present(tmp_path, wdbc):
     src = tmp_path / "m.onnx"
     src.write_bytes(export_torch(mlp(), x_te[:4]).to_bytes())
     assert open_session(src, 0, ("cuda", "cpu")).get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_float32_rounding_of_large_outputs_is_within_the_relative_tolerance():
+    """A ridge regression on the diabetes outcome scale (25..346), exported with FP32 inputs: float32
+    rounding alone differs by ~5e-5, beyond an absolute 1e-5, well within 1e-5 x |value|."""
+    from sklearn.datasets import load_diabetes
+    from sklearn.linear_model import RidgeCV
+
+    data = load_diabetes(scaled=False)
+    model = RidgeCV().fit(data.data, data.target)
+    x = data.data[:60].astype(np.float32)
+    result = export_model(model, x)
+    assert 1e-5 < result.max_abs_diff["prediction"] < 1e-3
+    with pytest.raises(ExportMismatch, match=r"allowed 1e-05 \+ 0 x \|source value\|"):
+        export_model(model, x, rtol=0.0)
+
+
+def test_auroc_over_classes_needs_probabilities_and_labels_that_fit():
+    from sklearn.metrics import roc_auc_score
+
+    from bedside.errors import InvalidInput
+
+    rng = np.random.default_rng(0)
+    y = np.arange(90) % 3
+    logits = rng.standard_normal((90, 3)) + 2.0 * np.eye(3)[y]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    expected = 100 * roc_auc_score(y, p, multi_class="ovr", average="macro")
+    assert gate._score("auroc", p.astype(np.float32), y) == pytest.approx(expected, abs=1e-3)
+    assert gate._score("auroc", p[:, 1], (y == 1).astype(int)) == pytest.approx(100 * roc_auc_score(y == 1, p[:, 1]))
+    with pytest.raises(InvalidInput, match=r"needs per-class probabilities.*use --metric accuracy"):
+        gate._score("auroc", logits, y)
+    with pytest.raises(InvalidInput, match=r"hold classes \[0, 1, 2, 3\]; the model's output has 3 column"):
+        gate._score("auroc", p, np.arange(90) % 4)
+    with pytest.raises(InvalidInput, match=r"none of classes \[2\]"):
+        gate._score("auroc", p, np.arange(90) % 2)
+    with pytest.raises(InvalidInput, match="class indices"):
+        gate._score("accuracy", p, np.array(["a", "b", "c"] * 30))
+
+
+def test_an_fp16_or_int8_model_is_not_optimized_again(tmp_path, wdbc):
+    from bedside.pipeline.optimize import reduced_precision, why_not
+
+    _, x_te, _, _ = wdbc
+    src = tmp_path / "m.onnx"
+    src.write_bytes(export_torch(mlp(), x_te[:4]).to_bytes())
+    half = onnx.load(str(optimize_file(src, tmp_path / "fp16.onnx", "fp16")))
+    int8 = onnx.load(str(optimize_file(src, tmp_path / "int8.onnx", "int8-dynamic")))
+    assert (reduced_precision(onnx.load(str(src))), reduced_precision(half), reduced_precision(int8)) == (
+        None,
+        "FP16",
+        "INT8",
+    )
+    assert "already FP16" in why_not(half, "int8-dynamic") and "already INT8" in why_not(int8, "fp16")
+    assert why_not(int8, "graph") is None  # fusions keep the precision
+    with pytest.raises(OptimizeError, match="already INT8"):
+        optimize_file(tmp_path / "int8.onnx", tmp_path / "again.onnx", "int8-dynamic")

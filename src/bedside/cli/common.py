@@ -37,10 +37,12 @@ def _repository(repository: Path | None) -> Path:
         if not repository.is_dir():
             fail(f"repository {repository} is not a folder", 2)
         return repository
-    from bedside.models.demo import ensure_demo
+    from bedside.models.demo import DEMO_STAMP, default_demo_dir, ensure_demo
 
-    with console.status("building the demo repository (first run only)..."):
-        return ensure_demo()
+    if not (default_demo_dir() / DEMO_STAMP).exists():
+        # a line per model, terminal or not (a spinner shows nothing in a log or under make)
+        console.print("building the demo repository (first run only, no download):")
+    return ensure_demo(progress=lambda line: console.print(f"  {escape(line)}", soft_wrap=True))
 
 
 def _host_port(text: str, option: str, default_host: str) -> tuple[str, int]:

@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 import typer
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from bedside.cli.common import RepoOption, UrlOption, _call, _repository, console, fail
 from bedside.settings import DEFAULTS, Settings, SettingsError, env_name, from_environment
@@ -251,7 +251,10 @@ def models(
         return
     # a weights column only when some version is trained on synthetic data or not at all
     flagged = any(row.get("provenance") not in (None, "trained") for row in rows)
-    table = Table("model", "version", "state", "provider", *(("weights",) if flagged else ()), "reason")
+    # names never wrap or shorten (they are what the user types next); the reason column wraps instead
+    table = Table(
+        Column("model", no_wrap=True), "version", "state", "provider", *(("weights",) if flagged else ()), "reason"
+    )
     for row in rows:
         style = "green" if row.get("state") == "READY" else "red"
         weights = row.get("provenance") or ""

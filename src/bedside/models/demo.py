@@ -7,9 +7,11 @@ assembled in a temporary folder and renamed into place, so a crash never leaves 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import tomli_w
 
 from bedside.modelconfig.model import ContractSpec, ModelConfig, TensorSpec, WarmupSpec
 
-DEMO_STAMP = ".bedside-demo-v4"  # v4: configs carry the stream contract
+DEMO_STAMP = ".bedside-demo-v5"  # v5: models stamped with their provenance (v4: configs carry the contract)
 TOLERANCE = 1e-5
 _DEFAULTED = {"scheduling", "queue_policy", "tenants"}  # left to bedside's defaults
 DISCLAIMER = (
@@ -29,16 +31,30 @@ DISCLAIMER = (
 )
 
 
+BREAST_NOTE = "Wisconsin Diagnostic Breast Cancer data (569 patients), as shipped in scikit-learn"
+DIABETES_NOTE = "diabetes data of Efron et al. 2004 (442 patients), as shipped in scikit-learn"
+VITALS_NOTE = "3,000 simulated ward patients (bedside.synthetic.vitals); no real patient data"
+ECG_NOTE = "1,500 simulated 12-lead ECG windows (bedside.synthetic.ecg); no real recordings"
+
+
+def card_line(provenance: str, note: str) -> str:
+    """The card's provenance line (imported here: serving an existing demo needs no onnx)."""
+    from bedside.pipeline.provenance import card_line as line
+
+    return line(provenance, note)
+
+
 def default_demo_dir() -> Path:
     return Path(os.environ.get("BEDSIDE_DEMO_DIR", "~/.cache/bedside/demo-repository")).expanduser()
 
 
-def ensure_demo(path: Path | None = None, force: bool = False) -> Path:
-    """Return a demo repository at `path`, building it if it is missing or from an older release."""
+def ensure_demo(path: Path | None = None, force: bool = False, progress: Callable[[str], None] | None = None) -> Path:
+    """Return a demo repository at `path`, building it if it is missing or from an older release.
+    `progress` is called with one short line before each model is trained and converted."""
     path = path or default_demo_dir()
     if (path / DEMO_STAMP).exists() and not force:
         return path
-    return build_demo(path)
+    return build_demo(path, progress=progress)
 
 
 @dataclass
@@ -46,14 +62,30 @@ class BuiltModel:
     config: ModelConfig
     onnx_bytes: bytes
     card: str
+    provenance: str  # stamped into the model (pipeline/provenance.py)
+    note: str
 
 
-def build_demo(path: Path, ecg: bool = True) -> Path:
+def build_demo(path: Path, ecg: bool = True, progress: Callable[[str], None] | None = None) -> Path:
+    """Train, convert and check the demo models and write them as a repository at `path`.
+    `progress` is called with one short line before each model (e.g. for a log without a terminal)."""
+    steps: list[tuple[str, str, Callable[[], BuiltModel | None]]] = [
+        ("breast_mass_malignancy", "LightGBM, real data", _breast_mass_malignancy),
+        ("diabetes_progression", "ridge regression, real data", _diabetes_progression),
+        ("vitals_deterioration", "LightGBM, synthetic data", _vitals_deterioration),
+    ]
+    if ecg and importlib.util.find_spec("torch") is not None:
+        steps.append(("ecg_rhythm", "1D-CNN, synthetic ECG, INT8 behind the gate", _ecg_rhythm))
+    models: list[BuiltModel] = []
     try:
-        models = [_breast_mass_malignancy(), _diabetes_progression(), _vitals_deterioration()]
-        rhythm = _ecg_rhythm() if ecg else None
-        if rhythm is not None:
-            models.append(rhythm)
+        from bedside.pipeline.provenance import stamp  # onnx: the demo extra
+
+        for i, (name, what, make) in enumerate(steps, 1):
+            if progress is not None:
+                progress(f"demo {i}/{len(steps)}: {name} ({what})")
+            built = make()
+            if built is not None:
+                models.append(built)
     except ImportError as exc:
         raise RuntimeError(
             f"building the demo models needs the demo extra ({exc.name} is missing): pip install 'bedside[demo]'"
@@ -64,7 +96,7 @@ def build_demo(path: Path, ecg: bool = True) -> Path:
         for built in models:
             folder = staging / built.config.name
             (folder / "1").mkdir(parents=True)
-            (folder / "1" / "model.onnx").write_bytes(built.onnx_bytes)
+            (folder / "1" / "model.onnx").write_bytes(stamp(built.onnx_bytes, built.provenance, built.note))
             doc = {k: v for k, v in built.config.to_dict().items() if k not in _DEFAULTED}
             (folder / "config.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
             (folder / "MODEL_CARD.md").write_text(built.card, encoding="utf-8")
@@ -136,6 +168,8 @@ def _breast_mass_malignancy() -> BuiltModel:
     )
     card = f"""# breast_mass_malignancy (version 1)
 
+{card_line("trained", BREAST_NOTE)}
+
 Predicts whether a breast mass sampled by fine-needle aspiration is **malignant** (label 1) or benign
 (label 0). `probabilities[:, 1]` is the probability of malignancy.
 
@@ -162,7 +196,7 @@ AUROC {auroc:.4f}
 ## Intended use
 Demonstrating and testing the bedside inference server. Not intended for diagnosis.
 """
-    return BuiltModel(config, model.SerializeToString(), card)
+    return BuiltModel(config, model.SerializeToString(), card, "trained", BREAST_NOTE)
 
 
 def _diabetes_progression() -> BuiltModel:
@@ -194,6 +228,8 @@ def _diabetes_progression() -> BuiltModel:
     )
     card = f"""# diabetes_progression (version 1)
 
+{card_line("trained", DIABETES_NOTE)}
+
 Predicts a quantitative measure of diabetes disease progression one year after baseline (the
 study's outcome scale, roughly 25-346).
 
@@ -220,7 +256,7 @@ s6 blood glucose.
 ## Intended use
 Demonstrating and testing the bedside inference server. Not intended for prognosis.
 """
-    return BuiltModel(config, model.SerializeToString(), card)
+    return BuiltModel(config, model.SerializeToString(), card, "trained", DIABETES_NOTE)
 
 
 def _vitals_deterioration() -> BuiltModel:
@@ -252,6 +288,8 @@ def _vitals_deterioration() -> BuiltModel:
     )
     card = f"""# vitals_deterioration (version 1)
 
+{card_line("synthetic", VITALS_NOTE)}
+
 Scores the risk that a ward patient is deteriorating (`probabilities[:, 1]`) from the last hour of
 vital signs, as bedside's per-bed stream computes them every 15 s.
 
@@ -272,110 +310,10 @@ LightGBM (150 trees, 15 leaves) -> ONNX (onnxmltools, opset 15); ONNX vs LightGB
 ## Inputs
 `features`: FP32 [batch, {WIDTH}], in this order: {", ".join(NAMES)}.
 """
-    return BuiltModel(config, model.SerializeToString(), card)
+    return BuiltModel(config, model.SerializeToString(), card, "synthetic", VITALS_NOTE)
 
 
 def _ecg_rhythm() -> BuiltModel | None:
-    """The ECG rhythm classifier, if torch is installed (the pipeline extra); otherwise the ECG stream
-    runs on R-peak heart rate alone and says so."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    from bedside.models.train import train_ecg_cnn
-    from bedside.pipeline.export import export_torch
-    from bedside.synthetic.ecg import LEADS, RHYTHMS
+    from bedside.models.demo_ecg import ecg_rhythm
 
-    module, accuracy, (x_te, y_te) = train_ecg_cnn(train=1500, epochs=3)
-    with_softmax = torch.nn.Sequential(module, torch.nn.Softmax(dim=1)).eval()
-    result = export_torch(with_softmax, {"ecg": x_te[:8]}, output_names=["probabilities"])
-    # INT8 makes a window ~4x faster (the 4 ms real-time budget); it is served only if the gate passes
-    served, precision = result.to_bytes(), "FP32"
-    with tempfile.TemporaryDirectory() as tmp:
-        from bedside.pipeline.gate import check
-        from bedside.pipeline.optimize import optimize_file
-
-        fp32 = Path(tmp) / "fp32.onnx"
-        fp32.write_bytes(served)
-        int8 = optimize_file(fp32, Path(tmp) / "int8.onnx", "int8-static", {"ecg": x_te[:96]})
-        report = check(fp32, int8, {"ecg": x_te}, y_te, "accuracy", 1.0, "int8-static")
-        if report.passed:
-            served, precision = int8.read_bytes(), "INT8"
-    gate_line = (
-        "Static INT8 (calibrated on 96 synthetic windows): "
-        f"accuracy {report.baseline:.1f} % -> {report.candidate:.1f} % "
-        f"(gate: at most 1 point lower), p50 {report.p50_ms_before:.2f} -> {report.p50_ms_after:.2f} ms per window, "
-        f"{report.size_bytes_before / 1e6:.2f} -> {report.size_bytes_after / 1e6:.2f} MB. Served: {precision}."
-    )
-    config = ModelConfig(
-        name="ecg_rhythm",
-        description="Rhythm of a 5 s 12-lead ECG window at 250 Hz (1D-CNN). Trained on SYNTHETIC ECG. "
-        "Not for clinical use.",
-        # small batches on two single-threaded instances: a burst of windows waits for at most a few
-        # short runs, not one long one (bench/streams.py: scheduler p99 30 -> 6 ms at 200 beds)
-        max_batch_size=8,
-        instances=2,
-        threads=1,
-        inputs=(TensorSpec("ecg", "FP32", (len(LEADS), 1250)),),
-        outputs=(TensorSpec("probabilities", "FP32", (len(RHYTHMS),)),),
-        warmup=WarmupSpec(batch_sizes=(1, 8), fill="random", iterations=3),
-        # the ECG stream reads the rhythm names from here, in output order
-        contract=ContractSpec(input="ecg", score_output="probabilities", labels=RHYTHMS),
-    )
-    card = f"""# ecg_rhythm (version 1)
-
-Classifies a 5-second, 12-lead ECG window at 250 Hz (leads {", ".join(LEADS)}; millivolts) into
-{", ".join(RHYTHMS)}. `probabilities` follows that order.
-
-{DISCLAIMER}
-
-**Trained on SYNTHETIC ECG** from `bedside.synthetic.ecg` (Gaussian-wave beats with physiological
-intervals and lead amplitudes; 1,500 windows, 3 epochs): no labelled 12-lead arrhythmia data set
-ships in any package available offline. Held-out accuracy on synthetic windows: {accuracy:.1%}. This
-number says nothing about real recordings.
-
-## Model
-1D-CNN (5 convolution blocks, 0.43M parameters) + softmax, exported with PyTorch's ONNX exporter
-(opset 17); ONNX vs PyTorch max |diff| {max(result.max_abs_diff.values()):.2g}.
-{gate_line}
-
-## Check on a real recording
-{_real_ecg_check(served)}
-"""
-    return BuiltModel(config, served, card)
-
-
-def _real_ecg_check(model_bytes: bytes) -> str:
-    """Run the served model on the one real 12-lead ECG available offline and say what it makes of
-    it: a synthetic-trained model must show how it does on real signal, whatever the answer."""
-    try:
-        from pydicom.data import get_testdata_file
-
-        from bedside.tools.ecgfile import read_dicom_ecg
-    except ImportError:
-        return "Not run: the real ECG check needs the `dicom` extra (pydicom)."
-    import onnxruntime as ort
-
-    from bedside.clinical.ecg import FS, LEAD_II, heart_rate
-    from bedside.streams.ecg import WINDOW
-    from bedside.synthetic.ecg import RHYTHMS
-
-    recording = read_dicom_ecg(Path(str(get_testdata_file("waveform_ecg.dcm"))))
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    starts = range(0, recording.samples.shape[1] - WINDOW + 1, FS)
-    windows = np.stack([recording.samples[:, s : s + WINDOW] for s in starts])
-    probabilities = session.run(None, {"ecg": windows})[0]
-    calls = [RHYTHMS[int(i)] for i in probabilities.argmax(axis=1)]
-    verdict = max(set(calls), key=calls.count)
-    rates = [heart_rate(w[LEAD_II]) for w in windows]
-    rr = recording.measurements.get("RR Interval")
-    return (
-        f"pydicom's `waveform_ecg.dcm`, a real 10 s resting 12-lead ECG (1000 Hz, resampled to 250 Hz); "
-        f"the cart's own interpretation: {', '.join(recording.statements) or 'none'}"
-        + (f", RR {rr:.0f} ms ({60000 / rr:.0f} /min)" if rr else "")
-        + f". This model calls {calls.count(verdict)} of its {len(calls)} windows **{verdict}** "
-        f"(mean p = {float(probabilities[:, RHYTHMS.index(verdict)].mean()):.2f}); "
-        f"{'it agrees with the cart' if verdict == 'normal_sinus' else 'it does NOT agree with the cart'}. "
-        f"R-peak heart rate: {np.median([r for r in rates if r]):.0f} /min. One recording is not a "
-        "validation; it shows the gap between synthetic training data and real signal."
-    )
+    return ecg_rhythm()

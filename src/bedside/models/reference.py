@@ -6,14 +6,23 @@
   efficientnet   EfficientNet-B0, 224x224 RGB, 1000 classes                        (5.3M)
   ner_bert       BERT-base token classifier, 128 tokens, 9 BIO labels              (~109M)
 The tabular GBM is the LightGBM demo model (models/demo.py).
+
+`build(name)` has random (seeded) weights: enough to measure latency, meaningless as answers.
+`build(name, weights=FILE)` loads a state_dict saved with `torch.save(model.state_dict(), FILE)`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+
+from bedside.errors import InvalidInput
 
 
 class ECGNet(nn.Module):
@@ -184,15 +193,91 @@ class BertTokenClassifier(nn.Module):
         return self.classifier(x)
 
 
-def build(name: str) -> nn.Module:
-    factories = {
-        "ecg_cnn": ECGNet,
-        "vitals_lstm": VitalsLSTM,
-        "resnet18": ResNet18,
-        "efficientnet_b0": EfficientNetB0,
-        "ner_bert": BertTokenClassifier,
-    }
-    if name not in factories:
-        raise KeyError(f"unknown reference model {name!r}; choose one of {', '.join(factories)}")
+FACTORIES: dict[str, type[nn.Module]] = {
+    "ecg_cnn": ECGNet,
+    "vitals_lstm": VitalsLSTM,
+    "resnet18": ResNet18,
+    "efficientnet_b0": EfficientNetB0,
+    "ner_bert": BertTokenClassifier,
+}
+NAMES = tuple(FACTORIES)
+# What an exported reference model's tensors are called: the forward() argument names, and for the
+# rhythm classifier the names the ECG stream and the demo's ecg_rhythm use (input `ecg`, output
+# `probabilities`), so `bedside export --reference ecg_cnn` serves the stream without a config.
+INPUT_NAMES = {"ecg_cnn": "ecg", "vitals_lstm": "window", "resnet18": "image", "efficientnet_b0": "image"}
+OUTPUT_NAMES = {"ecg_cnn": ["probabilities"]}
+
+
+def build(name: str, weights: Path | None = None) -> nn.Module:
+    """The architecture `name`, with random weights (seeded) or those of the state_dict `weights`."""
+    if name not in FACTORIES:
+        raise KeyError(f"unknown reference model {name!r}; choose one of {', '.join(FACTORIES)}")
     torch.manual_seed(0)
-    return factories[name]().eval()
+    module = FACTORIES[name]().eval()
+    if weights is not None:
+        load_weights(module, weights, name)
+    return module
+
+
+def servable(name: str, module: nn.Module) -> nn.Module:
+    """What `bedside export --reference` publishes: the rhythm classifier ends in softmax, so that it
+    answers per-class probabilities (as the demo's ecg_rhythm does), which alerts and AUROC need."""
+    return nn.Sequential(module, nn.Softmax(dim=1)).eval() if name == "ecg_cnn" else module
+
+
+def load_weights(module: nn.Module, path: Path, name: str) -> None:
+    """Load a state_dict (weights only: no code runs) that must fit `module` exactly; anything else
+    is refused in one line naming what differs."""
+    if not path.is_file():
+        raise InvalidInput(f"--weights {path}: No such file or directory")
+    fix = f"save it with torch.save(model.state_dict(), FILE) where model is bedside.models.reference.build({name!r})"
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, or one that holds more than tensors (a whole module)
+        text = str(exc).strip()
+        reason = (
+            "it holds Python objects, not only tensors"
+            if "Weights only load failed" in text
+            else (text.splitlines()[0][:120] if text else type(exc).__name__)
+        )
+        raise InvalidInput(
+            f"--weights {path.name} is not a state_dict that loads as weights only ({reason}); {fix}"
+        ) from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InvalidInput(f"--weights {path.name} holds a {type(state).__name__}, not a state_dict; {fix}")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    if unexpected:
+        shown = ", ".join(unexpected[:3]) + (", ..." if len(unexpected) > 3 else "")
+        problems.append(f"{len(unexpected)} not in {name} ({shown})")
+    if reshaped:
+        k = reshaped[0]
+        shapes = f"{k}: {list(state[k].shape)} in the file, {list(own[k].shape)} in {name}"
+        problems.append(f"{len(reshaped)} of another shape ({shapes})")
+    if problems:
+        raise InvalidInput(f"--weights {path.name} does not fit {name}: parameters {'; '.join(problems)}; {fix}")
+    module.load_state_dict(state, strict=True)
+
+
+def sample(name: str, rows: int = 2, seed: int = 0) -> np.ndarray | dict[str, np.ndarray]:
+    """Random inputs of the shape `name` takes (for the export's numerical check and benchmarks)."""
+    rng = np.random.default_rng(seed)
+    if name == "ner_bert":
+        ids = rng.integers(1000, 30000, (rows, 128)).astype(np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    shapes = {
+        "ecg_cnn": (12, 1250),
+        "vitals_lstm": (60, 8),
+        "resnet18": (3, 224, 224),
+        "efficientnet_b0": (3, 224, 224),
+    }
+    if name not in shapes:
+        raise KeyError(f"unknown reference model {name!r}; choose one of {', '.join(FACTORIES)}")
+    return rng.standard_normal((rows, *shapes[name])).astype(np.float32)

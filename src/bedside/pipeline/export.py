@@ -1,15 +1,17 @@
 """Export PyTorch, scikit-learn, LightGBM and XGBoost models to ONNX, checked numerically.
 
 Every export is validated with the ONNX checker and then run with ONNX Runtime on the sample
-inputs; each output must match the source model within the tolerance (1e-5 for float32 by default)
-or the export fails with an error naming the output and the difference. An export that only
-"loads" is not trusted at a bedside.
+inputs; each output must match the source model within the tolerance, |ONNX - source| <= 1e-5 +
+1e-5 x |source| by default (the relative part covers float32 rounding of outputs far from 0, such as a
+regression on a clinical scale), or the export fails with an error naming the output and the
+difference. An export that only "loads" is not trusted at a bedside.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +19,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bedside.errors import BedsideError
+from bedside.errors import BedsideError, InvalidInput
+from bedside.pipeline.data import check_tabular_sample
 
 TOLERANCE = 1e-5
+RTOL = 1e-5
 SUPPORTED_OPSETS = range(13, 22)
 
 
@@ -29,6 +33,10 @@ class ExportError(BedsideError):
 
 class ExportMismatch(ExportError):
     """The ONNX model does not reproduce the source model."""
+
+
+class SampleMismatch(ExportError, InvalidInput):
+    """The sample does not fit the model (its shape or type): the caller's to fix."""
 
 
 @dataclass
@@ -42,9 +50,14 @@ class ExportResult:
 
 
 def verify(
-    model: onnx.ModelProto, feeds: dict[str, np.ndarray], expected: dict[str, np.ndarray], tolerance: float = TOLERANCE
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    expected: dict[str, np.ndarray],
+    tolerance: float = TOLERANCE,
+    rtol: float = RTOL,
 ) -> dict[str, float]:
-    """ONNX checker, then ONNX Runtime against the source model's outputs; returns max |diff| per output."""
+    """ONNX checker, then ONNX Runtime against the source model's outputs: every value within
+    `tolerance` + `rtol` x |source value|. Returns max |diff| per output."""
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -71,10 +84,12 @@ def verify(
                 raise ExportMismatch(f"output {name!r}: {wrong} of {want.size} values differ from the source model")
             diffs[name] = 0.0
             continue
-        diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
-        if not diff <= tolerance:
+        error = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        diff = float(np.max(error)) if want.size else 0.0
+        if not np.all(error <= tolerance + rtol * np.abs(want.astype(np.float64))):
             raise ExportMismatch(
-                f"output {name!r}: ONNX differs from the source model by up to {diff:.3g} (tolerance {tolerance:g})"
+                f"output {name!r}: ONNX differs from the source model by up to {diff:.3g} "
+                f"(allowed {tolerance:g} + {rtol:g} x |source value|)"
             )
         diffs[name] = diff
     return diffs
@@ -93,6 +108,7 @@ def export_torch(
     opset: int = 17,
     dynamo: bool = False,
     tolerance: float = TOLERANCE,
+    rtol: float = RTOL,
 ) -> ExportResult:
     """Export with a dynamic batch axis on every input and output."""
     import torch
@@ -102,8 +118,14 @@ def export_torch(
     input_names = list(samples)
     module = module.eval()
     tensors = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in samples.values())
-    with torch.no_grad():
-        reference = module(*tensors)
+    try:
+        with torch.no_grad():
+            reference = module(*tensors)
+    except Exception as exc:  # a shape or dtype the module does not take
+        shapes = ", ".join(f"{n} {v.dtype} {list(v.shape)}" for n, v in samples.items())
+        raise SampleMismatch(
+            f"the module cannot run on the sample ({shapes}): {str(exc).splitlines()[0][:200]}"
+        ) from None
     ref_list = list(reference) if isinstance(reference, (tuple, list)) else [reference]
     output_names = output_names or (["output"] if len(ref_list) == 1 else [f"output_{i}" for i in range(len(ref_list))])
     if len(output_names) != len(ref_list):
@@ -136,7 +158,7 @@ def export_torch(
         ) from None
     model = onnx.load_from_string(buffer.getvalue())
     expected = {n: r.detach().numpy() for n, r in zip(output_names, ref_list, strict=True)}
-    return ExportResult(model, "pytorch", verify(model, samples, expected, tolerance))
+    return ExportResult(model, "pytorch", verify(model, samples, expected, tolerance, rtol))
 
 
 def _classifier_outputs(model: Any, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -146,10 +168,13 @@ def _classifier_outputs(model: Any, x: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def export_sklearn(model: Any, sample: np.ndarray, opset: int = 15, tolerance: float = TOLERANCE) -> ExportResult:
+def export_sklearn(
+    model: Any, sample: np.ndarray, opset: int = 15, tolerance: float = TOLERANCE, rtol: float = RTOL
+) -> ExportResult:
     from skl2onnx import to_onnx
 
     _check_opset(opset)
+    check_tabular_sample(model, sample)
     x = np.ascontiguousarray(sample)
     try:
         options = {"zipmap": False} if hasattr(model, "predict_proba") else None
@@ -165,15 +190,16 @@ def export_sklearn(model: Any, sample: np.ndarray, opset: int = 15, tolerance: f
     else:
         out = np.asarray(model.predict(x))
         expected = {"prediction": out.reshape(-1, 1).astype(x.dtype) if out.ndim == 1 else out.astype(x.dtype)}
-    return ExportResult(onx, "scikit-learn", verify(onx, {"features": x}, expected, tolerance))
+    return ExportResult(onx, "scikit-learn", verify(onx, {"features": x}, expected, tolerance, rtol))
 
 
 def _export_tree_booster(
-    model: Any, sample: np.ndarray, convert: Any, framework: str, opset: int, tolerance: float
+    model: Any, sample: np.ndarray, convert: Any, framework: str, opset: int, tolerance: float, rtol: float
 ) -> ExportResult:
     from onnxmltools.convert.common.data_types import FloatTensorType
 
     _check_opset(opset)
+    check_tabular_sample(model, sample)
     x = np.ascontiguousarray(sample, dtype=np.float32)
     classifier = hasattr(model, "predict_proba")
     try:
@@ -199,36 +225,55 @@ def _export_tree_booster(
     else:
         _rename_io(onx, outputs=["prediction"])
         expected = {"prediction": np.asarray(model.predict(x), dtype=np.float32).reshape(-1, 1)}
-    return ExportResult(onx, framework, verify(onx, {"features": x}, expected, tolerance))
+    return ExportResult(onx, framework, verify(onx, {"features": x}, expected, tolerance, rtol))
 
 
-def export_lightgbm(model: Any, sample: np.ndarray, opset: int = 15, tolerance: float = TOLERANCE) -> ExportResult:
+def export_lightgbm(
+    model: Any, sample: np.ndarray, opset: int = 15, tolerance: float = TOLERANCE, rtol: float = RTOL
+) -> ExportResult:
     from onnxmltools import convert_lightgbm
 
-    return _export_tree_booster(model, sample, convert_lightgbm, "LightGBM", opset, tolerance)
+    return _export_tree_booster(model, sample, convert_lightgbm, "LightGBM", opset, tolerance, rtol)
 
 
-def export_xgboost(model: Any, sample: np.ndarray, opset: int = 15, tolerance: float = TOLERANCE) -> ExportResult:
+def export_xgboost(
+    model: Any, sample: np.ndarray, opset: int = 15, tolerance: float = TOLERANCE, rtol: float = RTOL
+) -> ExportResult:
     from onnxmltools import convert_xgboost
 
-    return _export_tree_booster(model, sample, convert_xgboost, "XGBoost", opset, tolerance)
+    return _export_tree_booster(model, sample, convert_xgboost, "XGBoost", opset, tolerance, rtol)
+
+
+class UnsupportedModel(ExportError, InvalidInput):
+    """Not a model of a library bedside exports."""
+
+
+def framework_of(model: Any) -> str:
+    """pytorch, LightGBM, XGBoost or scikit-learn; UnsupportedModel for anything else."""
+    module = type(model).__module__.split(".")[0]
+    if module == "torch" or any(c.__module__.startswith("torch.nn") for c in type(model).__mro__):
+        return "pytorch"
+    if module == "lightgbm":
+        return "LightGBM"
+    if module == "xgboost":
+        return "XGBoost"
+    if module == "sklearn" or hasattr(model, "_sklearn_tags") or hasattr(model, "get_params"):
+        return "scikit-learn"
+    raise UnsupportedModel(
+        f"no exporter for {type(model).__module__}.{type(model).__name__}: "
+        "bedside exports PyTorch, scikit-learn, LightGBM and XGBoost models"
+    )
 
 
 def export_model(model: Any, sample: Any, **kwargs: Any) -> ExportResult:
     """Pick the exporter from the model's library."""
-    module = type(model).__module__.split(".")[0]
-    if module == "torch" or any(c.__module__.startswith("torch.nn") for c in type(model).__mro__):
-        return export_torch(model, sample, **kwargs)
-    if module == "lightgbm":
-        return export_lightgbm(model, sample, **kwargs)
-    if module == "xgboost":
-        return export_xgboost(model, sample, **kwargs)
-    if module == "sklearn" or hasattr(model, "_sklearn_tags") or hasattr(model, "get_params"):
-        return export_sklearn(model, sample, **kwargs)
-    raise ExportError(
-        f"no exporter for {type(model).__module__}.{type(model).__name__}: "
-        "bedside exports PyTorch, scikit-learn, LightGBM and XGBoost models"
-    )
+    exporter: dict[str, Callable[..., ExportResult]] = {
+        "pytorch": export_torch,
+        "LightGBM": export_lightgbm,
+        "XGBoost": export_xgboost,
+        "scikit-learn": export_sklearn,
+    }
+    return exporter[framework_of(model)](model, sample, **kwargs)
 
 
 def _rename_io(model: onnx.ModelProto, inputs: list[str] | None = None, outputs: list[str] | None = None) -> None:
