@@ -4,6 +4,8 @@ leads, and its heart rate found by the stream's R-peak detector."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -55,8 +57,14 @@ def test_missing_limb_leads_are_derived_like_the_recorded_ones():
 def test_unreadable_files_and_missing_leads_are_clear_errors(tmp_path):
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom at all")
-    with pytest.raises(ECGFileError, match="not a readable DICOM waveform"):
+    with pytest.raises(ECGFileError, match=re.escape("junk.dcm is not a DICOM file (it has no DICOM header)")):
         read_dicom_ecg(junk)
+    with pytest.raises(ECGFileError, match=re.escape("missing.dcm does not exist")):
+        read_dicom_ecg(tmp_path / "missing.dcm")
+    with pytest.raises(ECGFileError, match="is a folder, not a DICOM ECG file"):
+        read_dicom_ecg(tmp_path)
+    with pytest.raises(ECGFileError, match=re.escape("is a DICOM file without a waveform (CT), not a 12-lead ECG")):
+        read_dicom_ecg(get_testdata_file("CT_small.dcm"))  # a real DICOM image: no 12-lead waveform
     ds = pydicom.dcmread(CART)
     ds.WaveformSequence[0].ChannelDefinitionSequence[11].ChannelSourceSequence[0].CodeMeaning = "Lead X"
     no_v6 = tmp_path / "no_v6.dcm"

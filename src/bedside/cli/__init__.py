@@ -28,6 +28,7 @@ app.command()(pipeline.export)
 app.command()(pipeline.optimize)
 app.command()(pipeline.bench)
 app.command()(tools.replay)
+app.command()(tools.samples)
 
 
 def main() -> None:

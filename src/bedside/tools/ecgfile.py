@@ -42,25 +42,47 @@ def _lead_name(meaning: str) -> str | None:
     return name if name.startswith("a") else name.upper()
 
 
-def read_dicom_ecg(path: Path) -> ECGRecording:
+def read_dicom_ecg(path: Path | str) -> ECGRecording:
+    """The 12 leads of a DICOM ECG; ECGFileError, naming the file, for one that is missing, a folder,
+    not DICOM, a DICOM without a waveform, or a waveform without the leads a 12-lead stream needs."""
     try:
         import pydicom
+        import pydicom.errors
         from scipy.signal import resample_poly
     except ImportError as exc:
         raise ECGFileError(f"DICOM ECGs need the 'dicom' extra (pip install 'bedside[dicom]'): {exc}") from None
+    path = Path(path)
+    if not path.exists():
+        raise ECGFileError(f"{path} does not exist")
+    if path.is_dir():
+        raise ECGFileError(f"{path} is a folder, not a DICOM ECG file")
     try:
         ds = pydicom.dcmread(path)
-        groups = list(ds.WaveformSequence)
-    except Exception as exc:  # pydicom raises several types on files that are not DICOM waveforms
+    except pydicom.errors.InvalidDicomError:
+        raise ECGFileError(f"{path} is not a DICOM file (it has no DICOM header)") from None
+    except OSError as exc:
+        raise ECGFileError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    except Exception as exc:  # pydicom raises several types on files that are not DICOM
+        raise ECGFileError(f"{path} is not a readable DICOM file: {str(exc)[:200]}") from None
+    groups = list(ds.get("WaveformSequence") or [])
+    if not groups:
+        kind = str(ds.get("Modality", "")).strip() or "no modality given"
+        raise ECGFileError(f"{path} is a DICOM file without a waveform ({kind}), not a 12-lead ECG")
+    try:
+        # the rhythm strip, not the median beat: the longest multiplex group
+        index = max(range(len(groups)), key=lambda i: int(groups[i].NumberOfWaveformSamples))
+        group = groups[index]
+        rate = float(group.SamplingFrequency)
+        raw = np.asarray(ds.waveform_array(index), dtype=np.float64)  # sensitivity and baseline applied
+        definitions = list(group.ChannelDefinitionSequence)
+    except Exception as exc:  # a waveform whose attributes or data pydicom cannot use
         raise ECGFileError(f"{path} is not a readable DICOM waveform: {str(exc)[:200]}") from None
-    # the rhythm strip, not the median beat: the longest multiplex group
-    index = max(range(len(groups)), key=lambda i: int(groups[i].NumberOfWaveformSamples))
-    group = groups[index]
-    rate = float(group.SamplingFrequency)
-    raw = np.asarray(ds.waveform_array(index), dtype=np.float64)  # sensitivity and baseline applied
+    if raw.ndim != 2 or raw.shape[1] != len(definitions) or not raw.shape[0] or not rate > 0:
+        raise ECGFileError(f"{path}: the waveform's samples do not match its channel definitions")
     leads: dict[str, np.ndarray] = {}
-    for channel, definition in enumerate(group.ChannelDefinitionSequence):
-        name = _lead_name(str(definition.ChannelSourceSequence[0].CodeMeaning))
+    for channel, definition in enumerate(definitions):
+        sources = definition.get("ChannelSourceSequence") or []
+        name = _lead_name(str(sources[0].get("CodeMeaning", ""))) if sources else None
         if name is None:
             continue
         units = "uV"
