@@ -43,8 +43,9 @@ lint: $(VENV)/.dev
 test: $(VENV)/.dev lint
 	$(PY) -m pytest
 
+# make bench BENCH_ARGS=--quick: a smoke run (every script in bench/ takes --quick)
 bench: $(VENV)/.dev
-	$(PY) bench/server_latency.py
+	$(PY) bench/server_latency.py $(BENCH_ARGS)
 
 # Regenerate the OIP v2 gRPC messages after editing oip.proto (the generated file is committed).
 proto: $(VENV)/.dev

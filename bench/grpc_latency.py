@@ -1,8 +1,9 @@
 """REST (binary tensors) vs gRPC, end to end through one bedside server: demo model, batch 1.
 
-    python bench/grpc_latency.py [--seconds 5]
+    python bench/grpc_latency.py [--seconds 5] [--quick]
 
-Prints a table and writes bench/results/grpc_latency.json. Both load generators are lean and run
+Prints a table and writes bench/results/grpc_latency.json (--quick: 1 s per row, results in
+bench/results/quick/). Both load generators are lean and run
 in this process: REST is the keep-alive raw-socket client of _common (16 connections at
 concurrency 16); gRPC sends a pre-serialized ModelInferRequest over one channel and does not parse
 the reply (grpc.aio with 16 tasks at concurrency 16), so each side costs the client about the same.
@@ -21,24 +22,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
-import numpy as np
-import orjson
-
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (
+from _common import (  # first: from here on a Ctrl-C ends the script without a traceback
     BlockingClient,
     closed_loop,
     console,
+    demo_repo,
     free_port,
     http_request,
     machine,
-    start_server,
+    main_guard,
+    parse_args,
+    require,
+    run_async,
+    say,
+    server,
     summarize,
     table,
     write_results,
 )
-from bedside.models.demo import build_demo
+
+# isort: split
+import grpc
+import numpy as np
+import orjson
+
 from bedside.server.grpc import oip_pb2
 
 MODEL = "breast_mass_malignancy"
@@ -55,9 +63,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(pid: int, case: str, concurrency: int, run: Callable[[], dict[str, float]]) -> dict[str, Any]:
+def measured(
+    pid: int,
+    case: str,
+    concurrency: int,
+    seconds: float,
+    run: Callable[[], dict[str, float]],
+    warmup: Callable[[], Any] | None = None,
+) -> dict[str, Any]:
     """One row, with the server's own CPU per request: on a small box the client shares the cores,
-    so this is the server's cost whatever the client's."""
+    so this is the server's cost whatever the client's. `warmup` runs first, outside the count."""
+    say(f"  {case}, c={concurrency}: {'1 s warm-up + ' if concurrency > 1 else ''}{seconds:g} s...")
+    if warmup is not None:
+        warmup()
     before = cpu_seconds(pid)
     row = run()
     used = cpu_seconds(pid) - before
@@ -135,18 +153,15 @@ def grpc_concurrent(port: int, request: bytes, concurrency: int, seconds: float)
             await asyncio.gather(*(worker(start + seconds, lat) for _ in range(concurrency)))
             return summarize(lat, time.perf_counter() - start)
 
-    try:
-        import uvloop
-
-        return uvloop.run(main())
-    except ImportError:
-        return asyncio.run(main())
+    return run_async(main())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
-    args = parser.parse_args()
+    args = parse_args(parser, seconds=1.0)
+    require("tritonclient")  # its row comes third: fail now, not then
+    say(f"grpc_latency: REST vs gRPC through one bedside, {MODEL}, batch 1, 5 rows of {args.seconds:g} s")
 
     from sklearn.datasets import load_breast_cancer
 
@@ -165,31 +180,38 @@ def main() -> None:
     grpc_req = infer_message(x)
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        repo = build_demo(Path(tmp) / "repo")
+    seconds = args.seconds
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        repo = demo_repo(Path(tmp) / "repo", MODEL)
         grpc_port = free_port()
-        proc, port = start_server(repo, "--grpc-port", str(grpc_port))
-        try:
+        with server(repo, "--grpc-port", str(grpc_port)) as (proc, port):
             pid = proc.pid
-            rows.append(measured(pid, "REST, binary tensors", 1, lambda: rest_sequential(port, rest_req, args.seconds)))
             rows.append(
-                measured(pid, "gRPC, raw contents", 1, lambda: grpc_sequential(grpc_port, grpc_req, args.seconds))
+                measured(pid, "REST, binary tensors", 1, seconds, lambda: rest_sequential(port, rest_req, seconds))
             )
             rows.append(
-                measured(pid, "gRPC, tritonclient.grpc", 1, lambda: tritonclient_sequential(grpc_port, x, args.seconds))
+                measured(pid, "gRPC, raw contents", 1, seconds, lambda: grpc_sequential(grpc_port, grpc_req, seconds))
             )
-            closed_loop(port, rest_req, 16, 1.0)  # warm the connections and the loop
             rows.append(
                 measured(
-                    pid, "REST, binary tensors", 16, lambda: summarize(*closed_loop(port, rest_req, 16, args.seconds))
+                    pid, "gRPC, tritonclient.grpc", 1, seconds, lambda: tritonclient_sequential(grpc_port, x, seconds)
                 )
             )
             rows.append(
-                measured(pid, "gRPC, raw contents", 16, lambda: grpc_concurrent(grpc_port, grpc_req, 16, args.seconds))
+                measured(
+                    pid,
+                    "REST, binary tensors",
+                    16,
+                    seconds,
+                    lambda: summarize(*closed_loop(port, rest_req, 16, seconds)),
+                    warmup=lambda: closed_loop(port, rest_req, 16, 1.0),  # the connections and the loop
+                )
             )
-        finally:
-            proc.terminate()
-            proc.wait(10)
+            rows.append(
+                measured(
+                    pid, "gRPC, raw contents", 16, seconds, lambda: grpc_concurrent(grpc_port, grpc_req, 16, seconds)
+                )
+            )
 
     table(
         f"{MODEL}, batch 1, {args.seconds:g} s per row",
@@ -208,12 +230,11 @@ def main() -> None:
         ),
     }
     console.print(f"gRPC vs REST: {comparison}")
-    out = write_results(
+    write_results(
         "grpc_latency",
         {"model": MODEL, "batch": 1, "rows": rows, "comparison": comparison, "machine": machine()},
     )
-    console.print(f"written to {out}")
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -2,14 +2,15 @@
 with the observation journal off, with synchronous=NORMAL and with FULL (fsync before every ACK),
 and how long the windows of a full ward take to come back from the journal at start.
 
-    python bench/hl7_ingest.py [--monitors 1,16,64] [--seconds 8]
+    python bench/hl7_ingest.py [--monitors 1,16,64] [--seconds 8] [--quick]
 
 Each monitor is one MLLP connection that sends an ORU^R01 with 7 vital signs and waits for its ACK
 before sending the next, as monitors do; M monitors run at once (a central station forwarding a
 ward). Each (journal, monitors) level gets a fresh server with an empty state folder on the same
 disk as bench/results. The load generator is this process (uvloop); the server and its ingest
 child are two more, all on the box's two cores. Messages are SYNTHETIC.
-Prints tables; writes bench/results/hl7_ingest.json.
+Prints tables; writes bench/results/hl7_ingest.json (--quick: 4 short levels and the smallest restore,
+results in bench/results/quick/).
 """
 
 from __future__ import annotations
@@ -24,11 +25,26 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import (  # first: from here on a Ctrl-C ends the script without a traceback
+    console,
+    free_port,
+    machine,
+    main_guard,
+    parse_args,
+    plural,
+    results_dir,
+    run_async,
+    say,
+    server,
+    table,
+    write_results,
+)
+
+# isort: split
 import numpy as np
 import orjson
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, console, free_port, machine, start_server, table, write_results
 from bedside.streams.beds import Beds, states_from
 from bedside.streams.journal import JOURNAL_FILE, open_journal, read_rows
 from bedside.streams.mllp import END, frame
@@ -79,9 +95,7 @@ def load(port: int, monitors: int, seconds: float) -> tuple[list[float], list[st
         await asyncio.gather(*(monitor(port, bed, start + seconds, latencies, failures) for bed in range(monitors)))
         return latencies, failures, time.perf_counter() - start
 
-    import uvloop
-
-    return uvloop.run(main())
+    return run_async(main())
 
 
 def status(port: int) -> dict:
@@ -96,13 +110,10 @@ def level(repo: Path, state: Path, journal: str, monitors: int, seconds: float) 
         "BEDSIDE_STREAMS_JOURNAL_SYNC": sync,
     }
     mllp = free_port()
-    proc, port = start_server(repo, "--mllp-port", str(mllp))
-    try:
+    with server(repo, "--mllp-port", str(mllp)) as (_, port):
+        say(f"  journal {journal}, {monitors} monitors: {seconds:g} s... ", end="")
         latencies, failures, wall = load(mllp, monitors, seconds)
         mllp_status = status(port)["mllp"]
-    finally:
-        proc.terminate()
-        proc.wait(10)
     ms = np.asarray(latencies) * 1e3
     commits = mllp_status["journal_commits"]
     return {
@@ -123,6 +134,7 @@ def restore_levels(state: Path, beds: int, readings: int) -> dict:
     """A journal of `beds` beds with `readings` readings of each of the 7 vital signs, spread over
     the last hour: the time to read it back into bed windows (in a worker thread at start) and the
     part that runs on the serving loop (handing the beds over)."""
+    say(f"  {beds:,} beds, {beds * readings * len(VITALS):,} rows: writing the journal, then reading it back...")
     path = state / JOURNAL_FILE
     path.unlink(missing_ok=True)
     db = open_journal(path, "normal")
@@ -162,18 +174,28 @@ def main() -> None:
     parser.add_argument("--monitors", default="1,16,64", help="monitors sending at once")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each level")
     parser.add_argument("--journals", default="off,normal,full")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--readings",
+        default=f"12,60,{2_000_000 // (2048 * 7)}",
+        help="readings per vital sign and bed in the journals restored at start (2,048 beds)",
+    )
+    args = parse_args(parser, monitors="1,16", journals="off,full", seconds=1.0, readings="12")
     console.width = max(console.width, 140)  # the tables' columns, unabridged
+    monitor_levels = [int(m) for m in args.monitors.split(",")]
+    journals = args.journals.split(",")
+    say(
+        f"hl7_ingest: HL7 ingest, {plural(len(monitor_levels) * len(journals), 'level')} of {args.seconds:g} s "
+        f"(a fresh server each), then {plural(len(args.readings.split(',')), 'journal restore')}"
+    )
     rows = []
-    RESULTS.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=RESULTS) as tmp:  # the disk the journal would be on
+    with tempfile.TemporaryDirectory(dir=results_dir(), ignore_cleanup_errors=True) as tmp:  # the journal's disk
         repo = Path(tmp) / "repo"
         repo.mkdir()
-        for monitors in (int(m) for m in args.monitors.split(",")):
-            for journal in args.journals.split(","):
+        for monitors in monitor_levels:
+            for journal in journals:
                 row = level(repo, Path(tmp) / f"state-{journal}-{monitors}", journal, monitors, args.seconds)
                 rows.append(row)
-                console.print(f"  journal {journal}, {monitors} monitors: {row['messages_per_s']} messages/s")
+                say(f"{row['messages_per_s']} messages/s")
         table(
             f"HL7 ORU^R01 (7 vital signs) ingest, {args.seconds:g} s per level, each monitor waits for its ACK",
             rows,
@@ -188,17 +210,15 @@ def main() -> None:
                 "failures",
             ],
         )
-        restores = [
-            restore_levels(Path(tmp) / "restore", 2048, readings) for readings in (12, 60, 2_000_000 // (2048 * 7))
-        ]
+        say("hl7_ingest: restoring 2,048 beds from the journal at start")
+        restores = [restore_levels(Path(tmp) / "restore", 2048, int(readings)) for readings in args.readings.split(",")]
         table(
             "restoring 2,048 beds from the journal at start",
             restores,
             ["beds", "rows", "journal_mb", "read_and_rebuild_s", "on_loop_handover_ms"],
         )
-    out = write_results("hl7_ingest", {"rows": rows, "restore": restores, "machine": machine()})
-    console.print(f"written to {out}")
+    write_results("hl7_ingest", {"rows": rows, "restore": restores, "machine": machine()})
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

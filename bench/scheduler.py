@@ -1,6 +1,6 @@
 """Scheduler benchmark: dynamic batching off vs on, STAT latency under routine saturation, overload.
 
-    python bench/scheduler.py [--seconds 3]
+    python bench/scheduler.py [--seconds 3] [--models ...] [--concurrency 1,8,32,64] [--quick]
 
 Models (random weights, built with onnx.helper; serving cost, not accuracy, is measured):
   ecg_cnn      1D-CNN over a 12-lead ECG window (5 s at 250 Hz)   [N, 12, 1250] -> [N, 5]
@@ -8,7 +8,8 @@ Models (random weights, built with onnx.helper; serving cost, not accuracy, is m
   vitals_lstm_2m  the same with hidden 704: the ~2M-parameter forecaster size of the model pipeline
 Each is served twice from one server, `*_batched` (dynamic batching on) and `*_single` (off).
 Requests use the binary tensor extension, batch 1 each, from a keep-alive raw-socket client in
-this process. Prints tables and writes bench/results/scheduler.json.
+this process. Prints tables and writes bench/results/scheduler.json (--quick: vitals_lstm_2m only,
+concurrency 1 and 32, 0.5 s per point, results in bench/results/quick/).
 """
 
 from __future__ import annotations
@@ -23,22 +24,28 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import orjson
-
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (
+from _common import (  # first: from here on a Ctrl-C ends the script without a traceback
     console,
     http_request,
     machine,
+    main_guard,
+    parse_args,
+    plural,
     rss_mb,
     run_loads,
-    start_server,
+    say,
+    server,
+    start_process,
     summarize,
     table,
     write_results,
 )
 from _models import ecg_cnn, params, vitals_lstm
+
+# isort: split
+import numpy as np
+import orjson
 
 MODELS = {
     "ecg_cnn": {"input": "ecg", "shape": (12, 1250), "output": "probabilities", "width": 5, "build": ecg_cnn},
@@ -52,6 +59,7 @@ MODELS = {
     },
 }
 CONCURRENCY = (1, 8, 32, 64)
+OVERLOAD_MODEL = "vitals_lstm_2m"
 
 
 def config(name: str, spec: dict, batching: bool, extra: str = "") -> str:
@@ -72,9 +80,9 @@ shape = [{spec["width"]}]
 """
 
 
-def build_repo(root: Path) -> dict[str, int]:
+def build_repo(root: Path, models: dict[str, dict]) -> dict[str, int]:
     sizes = {}
-    for name, spec in MODELS.items():
+    for name, spec in models.items():
         onnx_path = spec["build"](root / "_src" / f"{name}.onnx")
         sizes[name] = params(onnx_path)
         variants = {
@@ -102,13 +110,13 @@ def build_repo(root: Path) -> dict[str, int]:
     return sizes
 
 
-def runtime_ceiling(root: Path) -> dict[str, float]:
+def runtime_ceiling(root: Path, models: dict[str, dict], seconds: float = 1.0) -> dict[str, float]:
     """Per-row cost at batch 1 over batch 32 inside ONNX Runtime (threads = 2, as served): the most
     that batching can gain once the box is compute-bound."""
     import onnxruntime as ort
 
     out = {}
-    for name, spec in MODELS.items():
+    for name, spec in models.items():
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 2
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -119,7 +127,7 @@ def runtime_ceiling(root: Path) -> dict[str, float]:
             for _ in range(3):
                 session.run(None, {spec["input"]: x})
             n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < 1.0:
+            while time.perf_counter() - start < seconds:
                 session.run(None, {spec["input"]: x})
                 n += 1
             per_row[batch] = (time.perf_counter() - start) / n / batch
@@ -157,13 +165,14 @@ def ok_latencies(outcomes) -> list[float]:
     return [o.latency for o in outcomes]
 
 
-def batching_rows(port: int, seconds: float) -> list[dict]:
+def batching_rows(port: int, models: dict[str, dict], concurrency: list[int], seconds: float) -> list[dict]:
     rows = []
-    for name, spec in MODELS.items():
+    for name, spec in models.items():
         for mode in ("single", "batched"):
             model = f"{name}_{mode}"
             req = request(model, spec)
-            for c in CONCURRENCY:
+            for c in concurrency:
+                say(f"  {model} c={c}: 0.5 s warm-up + {seconds:g} s... ", end="")
                 run_loads(port, [(req, c, 0.0)], 0.5)  # warm up at this concurrency
                 (outcomes,), wall = run_loads(port, [(req, c, 0.0)], seconds)
                 rows.append(
@@ -174,27 +183,54 @@ def batching_rows(port: int, seconds: float) -> list[dict]:
                         **summarize(ok_latencies(outcomes), wall),
                     }
                 )
-                console.print(f"  {model} c={c}: {rows[-1]['throughput_rps']} rps, p99 {rows[-1]['p99_ms']} ms")
+                say(f"{rows[-1]['throughput_rps']} rps, p99 {rows[-1]['p99_ms']} ms")
     return rows
 
 
 def _probe(port: int, request: bytes, seconds: float, every: float, out: multiprocessing.Queue) -> None:
-    """A STAT caller in its own process, as a monitor on another device would be: paced, blocking."""
+    """A STAT caller in its own process, as a monitor on another device would be: paced, blocking.
+    Puts its latencies on `out`, or the one line of what went wrong."""
     from _common import BlockingClient
 
-    client = BlockingClient(port)
-    latencies = []
-    stop = time.perf_counter() + seconds
-    next_send = time.perf_counter()
-    while time.perf_counter() < stop:
-        delay = next_send - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)  # pacing the probe, not waiting for a result
-        next_send += every
-        t0 = time.perf_counter()
-        client.call(request)
-        latencies.append(time.perf_counter() - t0)
+    try:
+        client = BlockingClient(port)
+        latencies = []
+        stop = time.perf_counter() + seconds
+        next_send = time.perf_counter()
+        while time.perf_counter() < stop:
+            delay = next_send - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)  # pacing the probe, not waiting for a result
+            next_send += every
+            t0 = time.perf_counter()
+            client.call(request)
+            latencies.append(time.perf_counter() - t0)
+    except Exception as exc:  # the parent says it, in one line
+        out.put(f"{type(exc).__name__}: {exc}")
+        return
     out.put(latencies)
+
+
+def start_probe(port: int, request: bytes, seconds: float, every: float) -> tuple[multiprocessing.Process, object]:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    probe = ctx.Process(target=_probe, args=(port, request, seconds, every, queue))
+    start_process(probe)  # ignores Ctrl-C; stopped with the script
+    return probe, queue
+
+
+def probe_result(probe: multiprocessing.Process, queue, seconds: float) -> list[float]:
+    """The probe's latencies; a RuntimeError if it failed or did not answer in time."""
+    import queue as queues
+
+    try:
+        result = queue.get(timeout=seconds + 60)
+    except queues.Empty:
+        raise RuntimeError(f"the STAT probe process did not report within {seconds + 60:g} s") from None
+    probe.join()
+    if isinstance(result, str):
+        raise RuntimeError(f"the STAT probe failed: {' '.join(result.split())[:300]}")
+    return result
 
 
 def _server_side(port: int, model: str, tenant: str) -> dict:
@@ -206,26 +242,23 @@ def _server_side(port: int, model: str, tenant: str) -> dict:
     return doc["model_stats"][0]["tenants"][tenant]["latency"]
 
 
-def stat_rows(port: int, seconds: float) -> list[dict]:
+def stat_rows(port: int, models: dict[str, dict], seconds: float) -> list[dict]:
     """STAT p99 alone vs with 32 closed-loop routine connections saturating the box.
 
     The probe runs in its own process (50 requests/s) under its own tenant name per phase, so the
     server's per-tenant statistics give the server-side latency (admission to result) as well."""
-    ctx = multiprocessing.get_context("spawn")
     rows = []
-    for name, spec in MODELS.items():
+    for name, spec in models.items():
         for variant in ("batched", "reserved", "stat_first"):
             model = f"{name}_{variant}"
+            say(f"  {model}: STAT alone {seconds:g} s, then beside 32 routine connections {seconds:g} s... ", end="")
             routine = request(model, spec, "routine")
             measured = {}
             for phase in ("alone", "loaded"):
                 stat = request(model, spec, "stat", tenant=f"probe-{phase}")
-                queue = ctx.Queue()
-                probe = ctx.Process(target=_probe, args=(port, stat, seconds, 0.02, queue))
-                probe.start()
+                probe, queue = start_probe(port, stat, seconds, 0.02)
                 background = run_loads(port, [(routine, 32, 0.0)], seconds)[0][0] if phase == "loaded" else []
-                latencies = queue.get()
-                probe.join()
+                latencies = probe_result(probe, queue, seconds)
                 measured[phase] = summarize(latencies, seconds)
                 measured[phase + "_server"] = _server_side(port, model, f"probe-{phase}")
                 if background:
@@ -244,15 +277,15 @@ def stat_rows(port: int, seconds: float) -> list[dict]:
                     "routine_rps": measured["routine"]["throughput_rps"],
                 }
             )
-            console.print(f"  {model}: STAT p99 {a['p99_ms']} ms alone, {b['p99_ms']} ms under load")
+            say(f"STAT p99 {a['p99_ms']} ms alone, {b['p99_ms']} ms under load")
     return rows
 
 
 def overload(port: int, pid: int, sustainable_rps: float, seconds: float) -> dict:
     """About 10x the load the 2M LSTM sustains (512 closed-loop connections), a STAT caller in its own
     process throughout, then a health check. Its routine queue holds 64 requests; beyond: 429."""
-    spec = MODELS["vitals_lstm_2m"]
-    model = "vitals_lstm_2m_shed"
+    spec = MODELS[OVERLOAD_MODEL]
+    model = f"{OVERLOAD_MODEL}_shed"
     routine = request(model, spec, "routine")
     stat = request(model, spec, "stat", tenant="probe-overload")
     rss_before = rss_mb(pid)
@@ -263,19 +296,15 @@ def overload(port: int, pid: int, sustainable_rps: float, seconds: float) -> dic
         while not done.wait(0.1):
             peak[0] = max(peak[0], rss_mb(pid))
 
-    sampler = threading.Thread(target=sample)
+    sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    probe = ctx.Process(target=_probe, args=(port, stat, seconds, 0.05, queue))
-    probe.start()
     try:
+        probe, queue = start_probe(port, stat, seconds, 0.05)
         (flood,), wall = run_loads(port, [(routine, 512, 0.0)], seconds)
     finally:
         done.set()
         sampler.join()
-    stat_latencies = queue.get()
-    probe.join()
+    stat_latencies = probe_result(probe, queue, seconds)
     statuses: dict[str, int] = {}
     for o in flood:
         statuses[str(o.status)] = statuses.get(str(o.status), 0) + 1
@@ -306,30 +335,47 @@ def overload(port: int, pid: int, sustainable_rps: float, seconds: float) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        sizes = build_repo(Path(tmp) / "repo")
-        console.print("runtime batch efficiency (in process)")
-        ceiling = runtime_ceiling(Path(tmp) / "repo")
-        proc, port = start_server(Path(tmp) / "repo")
-        try:
-            console.print("batching off vs on")
-            rows = batching_rows(port, args.seconds)
-            console.print("STAT under routine saturation")
-            stats = stat_rows(port, args.seconds)
-            lstm32 = next(
-                r for r in rows if r["model"] == "vitals_lstm_2m" and r["batching"] and r["concurrency"] == 32
-            )
-            console.print("overload")
-            flood = overload(port, proc.pid, lstm32["throughput_rps"], max(args.seconds, 5.0))
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"some of {', '.join(MODELS)}")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="connections, batching table")
+    parser.add_argument(
+        "--overload-seconds", type=float, help=f"length of the overload run ({OVERLOAD_MODEL}); default max(5, seconds)"
+    )
+    args = parse_args(parser, seconds=0.5, models=OVERLOAD_MODEL, concurrency="1,32", overload_seconds=2.0)
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown models {', '.join(sorted(unknown))}: choose among {', '.join(MODELS)}")
+    models = {name: spec for name, spec in MODELS.items() if name in args.models.split(",")}
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    overload_s = args.overload_seconds or max(args.seconds, 5.0)
+    say(
+        f"scheduler: {plural(len(models), 'model')} x {plural(len(concurrency), 'concurrency level')}, "
+        f"batching off and on, {args.seconds:g} s per point; STAT under saturation; "
+        + (f"overload {overload_s:g} s" if OVERLOAD_MODEL in models else "no overload")
+    )
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        say(f"scheduler: building {', '.join(models)} (random weights), 5 variants each...")
+        sizes = build_repo(Path(tmp) / "repo", models)
+        ceiling_s = min(1.0, args.seconds)
+        say(f"scheduler: runtime batch efficiency in process, batch 1 and 32, {ceiling_s:g} s each...")
+        ceiling = runtime_ceiling(Path(tmp) / "repo", models, ceiling_s)
+        with server(Path(tmp) / "repo") as (proc, port):
+            say("scheduler: batching off vs on")
+            rows = batching_rows(port, models, concurrency, args.seconds)
+            say("scheduler: STAT under routine saturation")
+            stats = stat_rows(port, models, args.seconds)
+            flood = None
+            if OVERLOAD_MODEL in models:
+                lstm = [r for r in rows if r["model"] == OVERLOAD_MODEL and r["batching"]]
+                sustained = next((r for r in lstm if r["concurrency"] == 32), lstm[-1])  # 32, else the last
+                say(f"scheduler: overload, 512 connections on {OVERLOAD_MODEL}_shed for {overload_s:g} s...")
+                flood = overload(port, proc.pid, sustained["throughput_rps"], overload_s)
+            else:
+                say(f"scheduler: overload skipped (it needs {OVERLOAD_MODEL} in --models)")
         crashed = proc.returncode not in (0, -15)
 
     speedups = {}
-    for name in MODELS:
-        for c in CONCURRENCY:
+    for name in models:
+        for c in concurrency:
             off = next(r for r in rows if r["model"] == name and not r["batching"] and r["concurrency"] == c)
             on = next(r for r in rows if r["model"] == name and r["batching"] and r["concurrency"] == c)
             speedups[f"{name}@{c}"] = round(on["throughput_rps"] / off["throughput_rps"], 2)
@@ -356,7 +402,7 @@ def main() -> None:
         ],
     )
     console.print("overload:", flood, "server crashed:", crashed)
-    out = write_results(
+    write_results(
         "scheduler",
         {
             "params": sizes,
@@ -370,9 +416,7 @@ def main() -> None:
             "machine": machine(),
         },
     )
-    console.print(f"written to {out}")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
-    main()
+    main_guard(main)

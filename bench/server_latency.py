@@ -1,10 +1,11 @@
 """Server overhead: raw in-process ONNX Runtime vs bedside end to end, demo model, batch 1.
 
-    python bench/server_latency.py [--seconds 5]
+    python bench/server_latency.py [--seconds 5] [--quick]
 
-Prints a table and writes bench/results/server_latency.json. The load generator is a lean
-keep-alive raw-socket client in this process (no HTTP library), so client cost stays small; it
-shares the box's cores with the server, as any client on an edge box would.
+Prints a table and writes bench/results/server_latency.json (--quick: 1 s per row, results in
+bench/results/quick/). The load generator is a lean keep-alive raw-socket client in this process
+(no HTTP library), so client cost stays small; it shares the box's cores with the server, as any
+client on an edge box would.
 """
 
 from __future__ import annotations
@@ -15,22 +16,27 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import orjson
-
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (
+from _common import (  # first: from here on a Ctrl-C ends the script without a traceback
     BlockingClient,
     closed_loop,
     console,
+    demo_repo,
     http_request,
     machine,
-    start_server,
+    main_guard,
+    parse_args,
+    say,
+    server,
     summarize,
     table,
     write_results,
 )
-from bedside.models.demo import build_demo
+
+# isort: split
+import numpy as np
+import orjson
+
 from bedside.runtime.session import open_session
 
 MODEL = "breast_mass_malignancy"
@@ -66,7 +72,8 @@ def sequential(port: int, request: bytes, seconds: float) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
-    args = parser.parse_args()
+    args = parse_args(parser, seconds=1.0)
+    say(f"server_latency: in-process ONNX Runtime vs bedside, {MODEL}, batch 1, 4 rows of {args.seconds:g} s")
 
     from sklearn.datasets import load_breast_cancer
 
@@ -86,21 +93,21 @@ def main() -> None:
     json_req = http_request(path, json_body, {"Content-Type": "application/json"})
     binary_req = http_request(path, header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))})
 
-    with tempfile.TemporaryDirectory() as tmp:
-        repo = build_demo(Path(tmp) / "repo")
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        repo = demo_repo(Path(tmp) / "repo", MODEL)
+        say(f"  in-process ONNX Runtime, c=1: {args.seconds:g} s...")
         rows = [{"case": "in-process ONNX Runtime", "concurrency": 1, **in_process(repo, x, args.seconds)}]
-        proc, port = start_server(repo)
-        try:
+        with server(repo) as (_, port):
+            say(f"  server JSON, c=1: {args.seconds:g} s...")
             rows.append({"case": "server, JSON", "concurrency": 1, **sequential(port, json_req, args.seconds)})
+            say(f"  server binary tensors, c=1: {args.seconds:g} s...")
             rows.append(
                 {"case": "server, binary tensors", "concurrency": 1, **sequential(port, binary_req, args.seconds)}
             )
+            say(f"  server JSON, c=16: 1 s warm-up + {args.seconds:g} s...")
             closed_loop(port, json_req, 16, 1.0)  # warm the connections and the loop
             lat, wall = closed_loop(port, json_req, 16, args.seconds)
             rows.append({"case": "server, JSON", "concurrency": 16, **summarize(lat, wall)})
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
     base = rows[0]
     overhead = {
@@ -120,7 +127,7 @@ def main() -> None:
         f"server overhead over in-process at concurrency 1: {overhead} -> "
         f"{'[green]meets[/green]' if passed else '[red]misses[/red]'} the target {targets}"
     )
-    out = write_results(
+    write_results(
         "server_latency",
         {
             "model": MODEL,
@@ -132,8 +139,7 @@ def main() -> None:
             "machine": machine(),
         },
     )
-    console.print(f"written to {out}")
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -4,13 +4,14 @@ phases, as independent monitors do) and vital signs over HL7/MLLP every second, 
 same instant (the worst case: a central station forwarding a ward at once); the scorer also runs
 NEWS2/qSOFA and the deterioration model every 15 s.
 
-    python bench/streams.py [--beds 50,100,200,300,400] [--seconds 15]
+    python bench/streams.py [--beds 50,100,200,300,400] [--seconds 15] [--quick]
 
 Window->score latency is what the server measures per window (route, queue, batch, model, result).
 The ECG model is the 1D-CNN reference architecture (random weights: cost, not accuracy), FP32 and
 INT8 (static, calibrated on SYNTHETIC ECG). All streams are SYNTHETIC (bedside.synthetic). The load
 generator (bench/_streams_load.py, its own lean process) shares the box's two cores with the server.
-Each level gets a fresh server. Prints a table; writes JSON and a PNG curve.
+Each level gets a fresh server. Prints a table; writes bench/results/streams.json and streams.png
+(--quick: one level, 20 beds, INT8, 0.2 s chunks, 6 s; results in bench/results/quick/).
 """
 
 from __future__ import annotations
@@ -23,10 +24,25 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, console, free_port, machine, start_server, table, write_results
+from _common import (  # first: from here on a Ctrl-C ends the script without a traceback
+    console,
+    free_port,
+    machine,
+    main_guard,
+    parse_args,
+    plural,
+    popen,
+    require,
+    result_path,
+    say,
+    server,
+    table,
+    write_results,
+)
+
+# isort: split
+import numpy as np
 
 TARGET_P99_MS = 10.0
 LOAD = Path(__file__).parent / "_streams_load.py"
@@ -78,12 +94,19 @@ def build_repo(root: Path, int8: bool) -> None:
 
 
 def level(port: int, mllp: int, beds: int, seconds: float, chunk: int) -> dict:
-    load = subprocess.run(
+    load = popen(
         [sys.executable, str(LOAD), *map(str, (port, mllp, beds, seconds, chunk))],
-        capture_output=True,
-        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    result = json.loads(load.stdout)
+    stdout, stderr = load.communicate()
+    if load.returncode:
+        lines = stderr.decode(errors="replace").strip().splitlines() or ["(no output)"]
+        raise RuntimeError(
+            f"the load generator (bench/_streams_load.py) exited with code {load.returncode}: {lines[-1]}"
+        )
+    result = json.loads(stdout)
     latencies, summary = result["latencies_ms"], result["summary"]
     status = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/streams"))
     return {
@@ -108,24 +131,31 @@ def main() -> None:
     parser.add_argument("--chunks", default="50,250", help="ECG samples per WebSocket message (50 = 0.2 s, 250 = 1 s)")
     parser.add_argument("--precisions", default="fp32,int8")
     parser.add_argument("--score-interval", default="15", help="seconds between per-bed vital-sign scorings")
-    args = parser.parse_args()
+    args = parse_args(parser, beds="20", seconds=6.0, chunks="50", precisions="int8")
+    if args.seconds <= 4:
+        parser.error("--seconds must be over 4: the first ECG window is full after 5 s")
     counts = [int(b) for b in args.beds.split(",")]
+    chunks = [int(c) for c in args.chunks.split(",")]
+    precisions = args.precisions.split(",")
+    require("torch", "matplotlib", "onnx")  # the plot comes last: fail now, not then
+    say(
+        f"streams: beds sustained in real time, {plural(len(precisions) * len(chunks) * len(counts), 'level')} of "
+        f"{args.seconds:g} s (a fresh server each)"
+    )
     rows = []
-    for precision in args.precisions.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
+    for precision in precisions:
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+            say(f"streams: building ecg_rhythm (1D-CNN, random weights, {precision}) and vitals_deterioration...")
             build_repo(Path(tmp), precision == "int8")
-            for chunk, beds in [(c, b) for c in (int(x) for x in args.chunks.split(",")) for b in counts]:
+            for chunk, beds in [(c, b) for c in chunks for b in counts]:
                 mllp = free_port()
-                proc, port = start_server(Path(tmp), "--mllp-port", str(mllp), "--score-interval", args.score_interval)
-                try:
+                with server(Path(tmp), "--mllp-port", str(mllp), "--score-interval", args.score_interval) as (_, port):
+                    say(f"  {precision}, {chunk / 250:g} s chunks, {beds} beds: {args.seconds:g} s... ", end="")
                     row = {
                         "model": f"ecg_cnn_{precision}",
                         "chunk_s": chunk / 250,
                         **level(port, mllp, beds, args.seconds, chunk),
                     }
-                finally:
-                    proc.terminate()
-                    proc.wait(10)
                 row["realtime_ok"] = bool(
                     row["p99_ms"] is not None
                     and row["p99_ms"] <= TARGET_P99_MS
@@ -133,8 +163,7 @@ def main() -> None:
                     and row["hl7_acked"] == row["hl7_sent"]
                 )
                 rows.append(row)
-                windows = f"{row['ecg_windows']}/{row['expected_windows']}"
-                console.print(f"  {precision} chunk {chunk} {beds} beds: p99 {row['p99_ms']} ms, windows {windows}")
+                say(f"p99 {row['p99_ms']} ms, windows {row['ecg_windows']}/{row['expected_windows']}")
     table(
         f"beds sustained in real time ({args.seconds:g} s per level)",
         rows,
@@ -160,12 +189,11 @@ def main() -> None:
         for m, c in series
     }
     console.print(f"most beds with window->score p99 <= {TARGET_P99_MS} ms: {best} (target >= 200)")
-    plot(rows, RESULTS / "streams.png")
-    out = write_results(
+    write_results(
         "streams",
         {"rows": rows, "max_beds": best, "target_p99_ms": TARGET_P99_MS, "target_beds": 200, "machine": machine()},
     )
-    console.print(f"written to {out} and {RESULTS / 'streams.png'}")
+    plot(rows, result_path("streams.png"))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -190,10 +218,9 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("Beds one 2-core box sustains in real time")
     fig.tight_layout()
-    path.parent.mkdir(exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)
