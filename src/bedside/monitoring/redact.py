@@ -79,5 +79,15 @@ def install(level: str) -> None:
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+    handler.addFilter(_no_connection_chatter)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def _no_connection_chatter(record: logging.LogRecord) -> bool:
+    """Drop uvicorn's per-WebSocket lines: their path names the bed ("WebSocket /v2/streams/ecg/ICU-07"),
+    and a line per connection says nothing an operator needs (the streams' counters do)."""
+    if not record.name.startswith("uvicorn"):
+        return True
+    text = str(record.msg)
+    return not ('"WebSocket ' in text or text in ("connection open", "connection closed"))
