@@ -46,7 +46,7 @@ def _bind(host: str, port: int, what: str = "HTTP") -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        if exc.errno == errno.EADDRNOTAVAIL:  # the address, not the port, is wrong
+        if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):  # the address is wrong
             fix = " (not an address of this machine); choose another with --host"
         else:
             taken = " (another bedside or another server uses it)" if exc.errno == errno.EADDRINUSE else ""
@@ -134,7 +134,8 @@ async def _serve(repository: Path, settings: Settings) -> None:
             try:
                 await streams.start()
             except OSError as exc:  # e.g. the MLLP port is taken: say so and do not start half a server
-                raise StartupError(f"streams: {exc}; {_LISTENERS['HL7 MLLP']}") from None
+                fix = f"; choose another with {_LISTENERS['HL7 MLLP']}" if exc.errno == errno.EADDRINUSE else ""
+                raise StartupError(f"streams: {exc}{fix}") from None
         if server.grpc_port >= 0:
             from bedside.server.grpc import start_grpc_server
 

@@ -44,6 +44,12 @@ class VitalsScorer:
         self.latency = LatencyWindow()  # one batched model call per cycle
 
     async def run(self) -> None:
+        # The first cycle waits (at most one interval) for the repository to finish loading, so
+        # beds restored from the journal are not reported "AI assistance degraded" on every
+        # normal start; if loading is slower than that, the rules score them meanwhile.
+        deadline = time.monotonic() + self.settings.interval_s
+        while not self.dataplane.ready() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         while True:
             started = time.monotonic()
             try:
