@@ -20,6 +20,7 @@ RANK = {
     "clinical": 1,
     "modelconfig": 2,
     "monitoring": 2,
+    "security": 2,
     "runtime": 3,
     "repository": 4,
     "scheduler": 4,
@@ -35,7 +36,8 @@ RANK = {
     "cli": 11,
     "__main__": 12,
 }
-SERVING = {"errors", "settings", "protocol", "clinical", "modelconfig", "monitoring", "runtime", "repository"}
+SERVING = {"errors", "settings", "protocol", "clinical", "modelconfig", "monitoring", "security", "runtime"}
+SERVING |= {"repository"}
 SERVING |= {"scheduler", "dataplane", "alerts", "streams", "server"}
 NOT_FOR_SERVING = {"synthetic", "pipeline", "models", "tools", "cli"}
 WIRE_MODULES = {"uvicorn", "grpc", "starlette", "websockets", "h11", "httptools"}

@@ -24,6 +24,22 @@ class NonFiniteOutput(InvalidInput):
     status = 422
 
 
+class Unauthenticated(BedsideError):
+    """No credentials, or credentials that name no caller (401)."""
+
+    status = 401
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, {"WWW-Authenticate": 'Bearer realm="bedside"'})
+
+
+class Forbidden(BedsideError):
+    """An authenticated caller without the role this needs (403). A model of another tenant is a
+    NotFound instead, worded as for a model that does not exist."""
+
+    status = 403
+
+
 class NotFound(BedsideError):
     status = 404
 

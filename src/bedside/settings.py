@@ -82,7 +82,9 @@ class StreamsSettings:
     max_beds: int = _opt(2048, "beds held in memory; the least recently heard bed is forgotten beyond it", 1, 100_000)
     ack_timeout_s: float = _opt(5.0, "longest a monitor waits for its ACK before a NAK asks it to resend", 0.1, 60)
     state_dir: str = _opt(
-        "", "folder for the observation journal and this box's secret key; empty: $XDG_STATE_HOME/bedside"
+        "",
+        "folder for the observation journal, this box's secret key, the callers and the audit log; "
+        "empty: $XDG_STATE_HOME/bedside",
     )
     journal: bool = _opt(True, "write accepted observations to a journal before the ACK and restore beds from it")
     journal_sync: str = _opt(
@@ -156,6 +158,48 @@ class LimitSettings:
     max_ws_message_kb: int = _opt(1024, "largest ECG WebSocket message, KiB", 1, 65536)
 
 
+def _key_source(value: str) -> str | None:
+    kind, _, rest = value.partition(":")
+    if value and (kind not in ("file", "env", "command") or not rest.strip()):
+        return "must be file:PATH, env:VARIABLE or command:COMMAND, or empty"
+    return None
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    auth: bool = _opt(
+        False, "every caller must authenticate (bearer token or client certificate); off: one anonymous caller"
+    )
+    callers_file: str = _opt("", "callers, their tenants, roles, beds and token hashes; empty: STATE_DIR/callers.json")
+    tls_cert: str = _opt("", "PEM certificate chain for TLS on HTTP, gRPC and MLLP; empty: no TLS")
+    tls_key: str = _opt("", "PEM private key of tls_cert")
+    tls_client_ca: str = _opt("", "PEM CA that signs client certificates (mutual TLS); empty: none asked")
+    client_cert: str = _opt(
+        "required",
+        "with tls_client_ca: required (no certificate, no connection) or optional (token callers may connect)",
+        None,
+        None,
+        "required",
+        "optional",
+    )
+    mllp_tls: bool = _opt(True, "MLLP over TLS when tls_cert is set (off: plain MLLP, e.g. for legacy monitors)")
+    insecure: bool = _opt(False, "allow listening beyond loopback without TLS and authentication (warned loudly)")
+    key: str = _opt(
+        "",
+        "key for files at rest (AES-256-GCM): file:PATH (owner-only), env:VARIABLE or command:COMMAND; empty: none",
+        check=_key_source,
+    )
+    audit: bool = _opt(True, "append every inference, admin action and authentication failure to the audit log")
+    audit_file: str = _opt("", "hash-chained SQLite audit log; empty: STATE_DIR/audit.sqlite")
+    audit_buffer: int = _opt(
+        100_000, "audit entries held in memory before the writer stores them; beyond, counted as lost", 1000, 10**7
+    )
+    audit_flush_ms: float = _opt(200.0, "longest an audit entry waits in memory before it is written", 1, 60_000)
+    audit_retention_days: int = _opt(
+        2190, "audit entries older than this are deleted (2190 days: six years); 0: kept forever", 0, 36_500
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -164,6 +208,7 @@ class Settings:
     ecg: ECGSettings = field(default_factory=ECGSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     def replace(self, values: Mapping[str, Any]) -> Settings:
         """A copy with `section.key` values set (strings are parsed and every value checked)."""

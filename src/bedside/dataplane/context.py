@@ -11,6 +11,7 @@ from typing import Any
 
 from bedside.dataplane.types import DEFAULT_TENANT, CallContext
 from bedside.errors import InvalidInput
+from bedside.protocol.types import SYSTEM, Caller
 
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _PRIORITY_NAME = re.compile(r"[A-Za-z]{1,16}")
@@ -30,7 +31,7 @@ def call_context(
     priority: str | None = None,
     timeout_ms: str | None = None,
     transport: str,
-    caller: str | None = None,
+    caller: Caller | None = None,
 ) -> CallContext:
     """`parameters` are the request's own (`priority`, `timeout` in µs); `tenant`, `priority` and
     `timeout_ms` come from headers or metadata. A value in the request body is the more specific one."""
@@ -46,7 +47,7 @@ def call_context(
         name = tenant.strip()
         if not TENANT_PATTERN.fullmatch(name):
             raise InvalidInput(f"{_SHOWN[TENANT_KEY]} must be 1-64 letters, digits, '.', '_' or '-'")
-    return CallContext(name, chosen_priority, timeout_us, caller, transport)
+    return CallContext(name, chosen_priority, timeout_us, caller or SYSTEM, transport)
 
 
 def _priority(value: Any, where: str) -> int | str | None:

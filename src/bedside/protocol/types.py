@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 import numpy as np
 
 DEFAULT_TENANT = "default"
+ROLES = ("infer", "monitor", "admin", "device")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated identity: its name, its tenant, its roles (`infer`: run and describe the
+    tenant's models; `monitor`: statistics, alerts, beds; `admin`: load, unload, the repository;
+    `device`: feed the beds matching `beds`, shell-style patterns such as "ICU-*")."""
+
+    name: str
+    tenant: str = DEFAULT_TENANT
+    roles: frozenset[str] = frozenset(ROLES)
+    beds: tuple[str, ...] = ("*",)
+    authenticated: bool = False  # False: authentication is off and this is the one anonymous caller
+
+    def has(self, role: str) -> bool:
+        return role in self.roles
+
+    def may_feed(self, bed: str) -> bool:
+        return "device" in self.roles and any(fnmatchcase(bed, pattern) for pattern in self.beds)
+
+
+ANONYMOUS = Caller("anonymous")  # every caller when authentication is off (loopback, or --insecure)
+SYSTEM = Caller("system", authenticated=True)  # the server's own calls (the streams' scorer and ECG windows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +45,7 @@ class CallContext:
     tenant: str = DEFAULT_TENANT
     priority: int | str | None = None
     timeout_us: int | None = None
-    caller: str | None = None  # authenticated identity, once authentication is in place
+    caller: Caller = SYSTEM  # who asks: a transport always sets it from the credentials it was given
     transport: str = "internal"  # rest | grpc | ecg | scorer | internal: for statistics and audit
 
 

@@ -1,0 +1,1 @@
+"""Security: callers and their credentials, TLS, keys and encryption at rest, the audit log."""
