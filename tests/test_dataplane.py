@@ -15,7 +15,7 @@ from bedside.dataplane import CallContext, Dataplane, call_context
 from bedside.dataplane.dataplane import parse_version
 from bedside.errors import DeadlineExceeded, InvalidInput, ModelLoadError, NotFound, Unavailable
 from bedside.modelconfig.model import parse_config
-from bedside.protocol.types import InferRequest
+from bedside.protocol.types import ANONYMOUS, InferRequest
 from bedside.settings import DEFAULTS
 from tests.models import SCALE_CONFIG, scale_model, write_config
 
@@ -23,14 +23,14 @@ from tests.models import SCALE_CONFIG, scale_model, write_config
 @pytest.mark.parametrize(
     ("params", "headers", "want"),
     [
-        ({}, {}, CallContext(transport="rest")),
-        ({"priority": 1, "timeout": 2000}, {}, CallContext("default", 1, 2000, None, "rest")),
-        ({"priority": "STAT"}, {"priority": "3"}, CallContext("default", "stat", None, None, "rest")),
-        ({}, {"priority": " 2 ", "timeout_ms": "1.5", "tenant": "icu"}, CallContext("icu", 2, 1500, None, "rest")),
+        ({}, {}, CallContext(caller=ANONYMOUS, transport="rest")),
+        ({"priority": 1, "timeout": 2000}, {}, CallContext("default", 1, 2000, ANONYMOUS, "rest")),
+        ({"priority": "STAT"}, {"priority": "3"}, CallContext("default", "stat", None, ANONYMOUS, "rest")),
+        ({}, {"priority": " 2 ", "timeout_ms": "1.5", "tenant": "icu"}, CallContext("icu", 2, 1500, ANONYMOUS, "rest")),
     ],
 )
 def test_call_context_from_parameters_and_headers(params, headers, want):
-    assert call_context(params, transport="rest", **headers) == want
+    assert call_context(params, transport="rest", caller=ANONYMOUS, **headers) == want
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_call_context_from_parameters_and_headers(params, headers, want):
 )
 def test_bad_context_is_invalid_input_with_the_reason(params, headers, match):
     with pytest.raises(InvalidInput, match=match):
-        call_context(params, transport="grpc", **headers)
+        call_context(params, transport="grpc", caller=ANONYMOUS, **headers)
 
 
 @pytest.mark.parametrize("text", ["²", "0", "-1", "1.0", "9" * 30, "v1"])
@@ -76,18 +76,18 @@ def dataplane(tmp_path):
 
 def test_typed_results(dataplane):
     assert dataplane.live() and dataplane.ready()
-    assert dataplane.server_metadata().name == "bedside"
-    meta = dataplane.model_metadata("scale", None)
+    assert dataplane.server_metadata(ANONYMOUS).name == "bedside"
+    meta = dataplane.model_metadata("scale", None, ANONYMOUS)
     assert meta.versions == ("1",) and meta.inputs[0].shape == (-1, 4) and meta.outputs[0].name == "y"
     response = asyncio.run(dataplane.infer("scale", None, InferRequest({"x": np.ones((2, 4), np.float32)})))
     assert response.model_version == "1" and response.outputs["y"].tolist() == [[2.0] * 4] * 2
     contract = dataplane.contract("scale")
     assert contract.input.name == "x" and contract.score_output == "y" and contract.labels == ("a", "b", "c", "d")
     assert contract.positive_index() == -1  # no positive class named: the last column
-    rows = {(r.name, r.version): r for r in dataplane.repository_index()}
+    rows = {(r.name, r.version): r for r in dataplane.repository_index(ANONYMOUS)}
     assert rows[("scale", "1")].state == "READY" and rows[("broken", "1")].state == "UNAVAILABLE"
     assert "tmp" not in rows[("broken", "1")].reason  # reasons name the model's files, never the host's paths
-    (stats,) = dataplane.statistics("scale")
+    (stats,) = dataplane.statistics("scale", None, ANONYMOUS)
     assert (
         stats.inference_count == 2
         and stats.success.count == 1
@@ -97,7 +97,7 @@ def test_typed_results(dataplane):
 
 def test_typed_errors(dataplane):
     x = InferRequest({"x": np.ones((1, 4), np.float32)})
-    with pytest.raises(NotFound, match="unknown model 'nope'"):
+    with pytest.raises(NotFound, match="model 'nope' is not in the repository"):
         asyncio.run(dataplane.infer("nope", None, x))
     with pytest.raises(Unavailable, match="model 'broken' is not ready"):
         asyncio.run(dataplane.infer("broken", None, x))
@@ -153,7 +153,7 @@ def test_without_a_contract_the_score_is_the_probabilities_output(demo_repo, tmp
     dataplane.start()
     try:
         contract = dataplane.contract("bm")
-        first = dataplane.model_metadata("bm", None).outputs[0].name
+        first = dataplane.model_metadata("bm", None, ANONYMOUS).outputs[0].name
     finally:
         dataplane.close()
     assert first == "label"  # the converters put it first
@@ -169,7 +169,7 @@ def test_the_tenant_bound_comes_from_settings(tmp_path):
     try:
         for tenant in ("a", "b", "c", "d"):  # idle tenants are forgotten for newcomers (test_scheduler_queue)
             asyncio.run(dataplane.infer("scale", None, x, CallContext(tenant=tenant)))
-        queue = dataplane._serving("scale", None).queue
+        queue = dataplane._serving("scale", None, ANONYMOUS, "").queue
         assert queue.max_tenants == 2 and len(queue.in_flight) <= 2
     finally:
         dataplane.close()

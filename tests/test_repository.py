@@ -9,7 +9,7 @@ import pytest
 
 from bedside.dataplane import Dataplane
 from bedside.errors import InvalidInput, ModelLoadError, NotFound, TooLarge, Unavailable
-from bedside.protocol.types import InferRequest
+from bedside.protocol.types import ANONYMOUS, InferRequest
 from tests.models import SCALE_CONFIG, scale_model, write_config
 
 
@@ -29,7 +29,7 @@ def infer(engine: Dataplane, name: str, x: np.ndarray, version: str | None = Non
 
 
 def load(engine: Dataplane, name: str) -> None:
-    asyncio.run(engine.load(name))
+    asyncio.run(engine.load(name, ANONYMOUS))
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def engine(tmp_path):
 
 
 def states(engine: Dataplane) -> dict[str, tuple[str, str]]:
-    return {f"{r.name}/{r.version or '-'}": (r.state, r.reason) for r in engine.repository_index()}
+    return {f"{r.name}/{r.version or '-'}": (r.state, r.reason) for r in engine.repository_index(ANONYMOUS)}
 
 
 def test_broken_models_are_unavailable_with_reasons_and_others_serve(engine):
@@ -54,7 +54,7 @@ def test_broken_models_are_unavailable_with_reasons_and_others_serve(engine):
     np.testing.assert_array_equal(out.outputs["y"], np.full((2, 4), 2.0, np.float32))
     with pytest.raises(Unavailable, match="corrupt"):
         infer(engine, "corrupt", np.ones((1, 4), np.float32))
-    with pytest.raises(NotFound, match="unknown model 'nope'"):
+    with pytest.raises(NotFound, match="model 'nope' is not in the repository"):
         infer(engine, "nope", np.ones((1, 4), np.float32))
 
 
@@ -85,7 +85,7 @@ def test_a_failed_reload_keeps_the_serving_version(engine, tmp_path):
 
 
 def test_unload_then_load(engine):
-    asyncio.run(engine.unload("scale"))
+    asyncio.run(engine.unload("scale", ANONYMOUS))
     with pytest.raises(Unavailable, match="not ready: unloaded"):
         infer(engine, "scale", np.ones((1, 4), np.float32))
     load(engine, "scale")
@@ -95,7 +95,7 @@ def test_unload_then_load(engine):
 def test_stats_record_latency(engine):
     for _ in range(5):
         infer(engine, "scale", np.ones((3, 4), np.float32))
-    (stats,) = engine.statistics("scale", None)
+    (stats,) = engine.statistics("scale", None, ANONYMOUS)
     assert stats.success.count == 5 and stats.inference_count == 15 and stats.execution_count == 5
     assert stats.batch_sizes == {3: 5} and stats.compute.ns > 0 and stats.last_inference_ms > 0
     row = stats.to_dict()
@@ -117,18 +117,18 @@ def test_a_refused_reload_is_visible_in_the_index(engine, tmp_path):
 def test_statistics_outlive_unload_and_come_back_with_the_version(engine, tmp_path):
     for _ in range(3):
         infer(engine, "scale", np.ones((1, 4), np.float32))
-    asyncio.run(engine.unload("scale"))
-    (stats,) = engine.statistics("scale", None)
+    asyncio.run(engine.unload("scale", ANONYMOUS))
+    (stats,) = engine.statistics("scale", None, ANONYMOUS)
     assert stats.state == "UNLOADED" and stats.success.count == 3
     assert states(engine)["scale/1"] == ("UNLOADED", "unloaded")
     load(engine, "scale")
     infer(engine, "scale", np.ones((1, 4), np.float32))
-    (stats,) = engine.statistics("scale", None)
+    (stats,) = engine.statistics("scale", None, ANONYMOUS)
     assert stats.state == "READY" and stats.success.count == 4
     # a version retired by the policy keeps its numbers too, and is a 404 with the reason
     scale_model(tmp_path / "scale" / "2" / "model.onnx", factor=3.0)
     load(engine, "scale")
-    by_version = {s.version: s for s in engine.statistics("scale", None)}
+    by_version = {s.version: s for s in engine.statistics("scale", None, ANONYMOUS)}
     assert by_version["1"].state == "UNLOADED" and by_version["1"].success.count == 4
     with pytest.raises(NotFound, match=r"no version 1 loaded \(not selected by the version policy"):
         infer(engine, "scale", np.ones((1, 4), np.float32), "1")
@@ -144,7 +144,7 @@ def test_provenance_is_in_the_index_and_in_every_answer(tmp_path, provenance):
     eng = Dataplane(tmp_path)
     eng.start()
     try:
-        rows = {(r.name, r.version): r for r in eng.repository_index()}
+        rows = {(r.name, r.version): r for r in eng.repository_index(ANONYMOUS)}
         assert rows["m", "1"].provenance == provenance and rows["m", "1"].provenance_note == "demo only"
         assert rows["m", "1"].to_dict()["provenance"] == provenance
         assert rows["plain", "1"].provenance == "trained"
@@ -162,7 +162,7 @@ def test_an_unknown_provenance_does_not_load(tmp_path):
     eng = Dataplane(tmp_path)
     eng.start()
     try:
-        (row,) = eng.repository_index()
+        (row,) = eng.repository_index(ANONYMOUS)
         assert row.state == "UNAVAILABLE" and "is not one of trained, synthetic, untrained" in row.reason
     finally:
         eng.close()

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 from bedside.alerts.bus import AlertBus
 from bedside.clinical.features import WIDTH
 from bedside.dataplane import Dataplane
+from bedside.protocol.types import ANONYMOUS
 from bedside.settings import DEFAULTS
 from bedside.streams.beds import Beds
 from bedside.streams.hl7v2 import Observation, VitalsMessage
@@ -74,5 +75,5 @@ def test_scorer_reads_the_contract_and_batches_at_the_models_limit(tmp_path):
     assert len(events) == 6 and {e.source for e in events} == {"site_deterioration v1"}
     assert all(np.isclose(e.risk, 0.9) and not e.degraded for e in events)  # column 0, the positive class
     assert len(bus.recent) == 6 and all("model risk 0.90 (threshold 0.8)" in a.reason for a in bus.recent)
-    (stats,) = dataplane.statistics("site_deterioration")
+    (stats,) = dataplane.statistics("site_deterioration", None, ANONYMOUS)
     assert stats.execution_count == 2 and stats.batch_sizes == {4: 1, 2: 1}

@@ -24,6 +24,7 @@ from bedside.clinical.ecg import heart_rate
 from bedside.dataplane import Dataplane
 from bedside.models.reference import ECGNet
 from bedside.pipeline.export import export_torch
+from bedside.protocol.types import SYSTEM
 from bedside.settings import DEFAULTS
 from bedside.streams import beds as beds_module
 from bedside.streams.beds import Beds, BedState
@@ -205,7 +206,7 @@ def test_model_scores_every_bed_and_alerts_on_the_sick_one(engine):
 
 
 def test_model_down_means_rule_alerts_flagged_degraded(engine):
-    asyncio.run(engine.unload("vitals_deterioration"))
+    asyncio.run(engine.unload("vitals_deterioration", SYSTEM))
     events, bus = score(engine, filled(("ICU-2", SICK), ("ICU-1", NORMAL)))
     sick = events["ICU-2"]
     assert sick["source"] == "rules" and sick["degraded"] and "AI assistance degraded" in sick["reason"]

@@ -61,7 +61,7 @@ def test_errors_surface_as_client_exceptions(triton):
     inp.set_data_from_numpy(x)
     with pytest.raises(InferenceServerException, match="expected shape"):
         triton.infer("breast_mass_malignancy", [inp])
-    with pytest.raises(InferenceServerException, match="unknown model"):
+    with pytest.raises(InferenceServerException, match="is not in the repository"):
         triton.infer("no_such_model", [inp])
 
 

@@ -78,3 +78,9 @@ class InferenceFailed(BedsideError):
 
 class Retired(Unavailable):
     """The queue was replaced or removed by a reload or unload after the request was routed to it."""
+
+
+def model_not_found(name: str) -> NotFound:
+    """The one answer for a model that does not exist and for one the caller's tenant may not see,
+    word for word, so a 404 never tells one from the other."""
+    return NotFound(f"model {name[:64]!r} is not in the repository")

@@ -241,7 +241,9 @@ def from_environment(environ: Mapping[str, str], base: Settings = DEFAULTS) -> t
     """Settings with `BEDSIDE_*` variables applied, and the names that came from there. A
     `BEDSIDE_` variable that names no setting is refused, so a typo is not silently ignored."""
     known = {env_name(name): name for name, _, _ in base.rows()}
-    others = {"BEDSIDE_DEMO_DIR", "BEDSIDE_TRT_CACHE"}  # paths read by the demo builder and the TensorRT cache
+    # paths read by the demo builder and the TensorRT cache; a client's credentials (tools.client)
+    others = {"BEDSIDE_DEMO_DIR", "BEDSIDE_TRT_CACHE", "BEDSIDE_TOKEN", "BEDSIDE_TLS_CA"}
+    others |= {"BEDSIDE_TLS_CLIENT_CERT", "BEDSIDE_TLS_CLIENT_KEY"}
     stray = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known and k not in others)
     if stray:
         raise SettingsError(f"unknown setting {stray[0]}; `bedside settings` lists them")
@@ -316,3 +318,19 @@ def state_dir(configured: str, environ: Mapping[str, str]) -> Path:
         return Path(configured).expanduser()
     base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "bedside"
+
+
+def callers_path(settings: Settings, environ: Mapping[str, str]) -> Path:
+    """The callers file: security.callers_file, else STATE_DIR/callers.json."""
+    configured = settings.security.callers_file
+    return (
+        Path(configured).expanduser() if configured else state_dir(settings.streams.state_dir, environ) / "callers.json"
+    )
+
+
+def audit_path(settings: Settings, environ: Mapping[str, str]) -> Path:
+    """The audit log: security.audit_file, else STATE_DIR/audit.sqlite."""
+    configured = settings.security.audit_file
+    return (
+        Path(configured).expanduser() if configured else state_dir(settings.streams.state_dir, environ) / "audit.sqlite"
+    )

@@ -28,6 +28,11 @@ OPTIONS = {
     "score_interval": ("--score-interval", "scoring.interval_s"),
     "streams": ("--streams/--no-streams", "streams.enabled"),
     "alerts_hl7": ("--alerts-hl7", "alerts.hl7_target"),
+    "auth": ("--auth/--no-auth", "security.auth"),
+    "tls_cert": ("--tls-cert", "security.tls_cert"),
+    "tls_key": ("--tls-key", "security.tls_key"),
+    "tls_client_ca": ("--tls-client-ca", "security.tls_client_ca"),
+    "insecure": ("--insecure", "security.insecure"),
 }
 DEFAULT_SOURCE = "default"
 
@@ -87,7 +92,8 @@ def describe(settings: Settings, repository: Path | None) -> str:
     server, streams = settings.server, settings.streams
     # the folder's name, not its path: this line lands in the system log (no host paths there)
     where = f"repository {repository.name!r}" if repository is not None else "the demo repository"
-    parts = [f"bedside serving {where} on http://{_netloc(server.host, server.http_port)}/v2"]
+    scheme = "https" if settings.security.tls_cert else "http"
+    parts = [f"bedside serving {where} on {scheme}://{_netloc(server.host, server.http_port)}/v2"]
     if server.grpc_port >= 0:
         parts.append(f"gRPC on {_netloc(server.host, server.grpc_port)}")
     if not streams.enabled:
@@ -97,6 +103,11 @@ def describe(settings: Settings, repository: Path | None) -> str:
             parts.append(f"HL7 MLLP on {_netloc(streams.mllp_host or server.host, streams.mllp_port)}")
         if settings.alerts.hl7_target:
             parts.append(f"alerts as HL7 to {settings.alerts.hl7_target}")
+    security = settings.security
+    if security.auth:
+        parts.append("callers authenticate" + (" (mutual TLS)" if security.tls_client_ca else ""))
+    if security.key:
+        parts.append("encrypted models open with the configured key")
     return ", ".join(parts)
 
 
@@ -145,6 +156,28 @@ def serve(
             f"Default: {DEFAULTS.alerts.hl7_target or 'none'}.",
         ),
     ] = None,
+    auth: Annotated[
+        bool | None,
+        typer.Option(
+            "--auth/--no-auth",
+            help="Every caller authenticates with a bearer token (`bedside tokens`) or a client certificate "
+            f"(`bedside certs`). Default: {'on' if DEFAULTS.security.auth else 'off'}.",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        str | None, typer.Option(metavar="PEM", help="Certificate chain: TLS on HTTP, gRPC and MLLP.")
+    ] = None,
+    tls_key: Annotated[str | None, typer.Option(metavar="PEM", help="Private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        str | None,
+        typer.Option(metavar="PEM", help="CA of client certificates: mutual TLS, the certificate names the caller."),
+    ] = None,
+    insecure: Annotated[
+        bool | None,
+        typer.Option(
+            "--insecure", help="Listen beyond loopback without TLS and authentication (refused otherwise)."
+        ),
+    ] = None,
     sets: Annotated[
         list[str] | None,
         typer.Option(
@@ -168,12 +201,18 @@ def serve(
         "score_interval": score_interval,
         "streams": streams,
         "alerts_hl7": alerts_hl7,
+        "auth": auth,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "tls_client_ca": tls_client_ca,
+        "insecure": insecure,
     }
     settings, _ = _settings_or_exit(os.environ, options, sets or ())
-    from bedside.server.run import StartupError, check_ports
+    from bedside.server.run import StartupError, check_ports, check_security
     from bedside.server.run import serve as run_server
 
     try:
+        check_security(settings)  # TLS files, the callers file, and no open port on the ward without them
         check_ports(settings)  # before the demo is built or a model loaded: a taken port fails in a second
     except StartupError as exc:
         fail(f"bedside cannot start: {exc}", 1)
@@ -235,11 +274,12 @@ def models(
     """List models with their versions and state (READY / UNAVAILABLE and why)."""
     if repository is not None:
         from bedside.dataplane import Dataplane
+        from bedside.protocol.types import SYSTEM
 
         dataplane = Dataplane(_repository(repository))  # a missing folder: one line, exit 2
         try:
             dataplane.start()
-            rows = [row.to_dict() for row in dataplane.repository_index()]
+            rows = [row.to_dict() for row in dataplane.repository_index(SYSTEM)]  # offline: this box's operator
         finally:
             dataplane.close()
     else:

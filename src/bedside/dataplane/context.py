@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from bedside.dataplane.types import DEFAULT_TENANT, CallContext
-from bedside.errors import InvalidInput
-from bedside.protocol.types import SYSTEM, Caller
+from bedside.errors import Forbidden, InvalidInput
+from bedside.protocol.types import Caller
 
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _PRIORITY_NAME = re.compile(r"[A-Za-z]{1,16}")
@@ -31,10 +31,11 @@ def call_context(
     priority: str | None = None,
     timeout_ms: str | None = None,
     transport: str,
-    caller: Caller | None = None,
+    caller: Caller,
 ) -> CallContext:
     """`parameters` are the request's own (`priority`, `timeout` in µs); `tenant`, `priority` and
-    `timeout_ms` come from headers or metadata. A value in the request body is the more specific one."""
+    `timeout_ms` come from headers or metadata. A value in the request body is the more specific one.
+    An authenticated caller's tenant is its own: a tenant header may only repeat it."""
     params = parameters or {}
     chosen_priority = _priority(params.get("priority"), "parameter 'priority'")
     if chosen_priority is None and priority:
@@ -43,11 +44,15 @@ def call_context(
     if timeout_us is None and timeout_ms is not None:
         timeout_us = _timeout_ms(timeout_ms)
     name = DEFAULT_TENANT
-    if tenant:
+    if caller.authenticated:
+        name = caller.tenant
+        if tenant and tenant.strip() != name:
+            raise Forbidden(f"{_SHOWN[TENANT_KEY]} cannot choose a tenant: this caller's credentials set it")
+    elif tenant:
         name = tenant.strip()
         if not TENANT_PATTERN.fullmatch(name):
             raise InvalidInput(f"{_SHOWN[TENANT_KEY]} must be 1-64 letters, digits, '.', '_' or '-'")
-    return CallContext(name, chosen_priority, timeout_us, caller or SYSTEM, transport)
+    return CallContext(name, chosen_priority, timeout_us, caller, transport)
 
 
 def _priority(value: Any, where: str) -> int | str | None:

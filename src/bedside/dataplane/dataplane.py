@@ -10,13 +10,16 @@ them. Security, audit and graphs hook in here, once, for every protocol.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from time import perf_counter_ns
 from typing import NoReturn
 
 from bedside import __version__
+from bedside.dataplane.access import ADMIN, DESCRIBE, INFER, MONITOR, Access, restricted
+from bedside.dataplane.stats import version_statistics
 from bedside.dataplane.types import (
     CallContext,
-    Duration,
     ModelContract,
     ModelMetadata,
     RepositoryEntry,
@@ -24,13 +27,14 @@ from bedside.dataplane.types import (
     TensorMetadata,
     VersionStatistics,
 )
-from bedside.errors import NotFound, Retired, Unavailable
-from bedside.modelconfig.model import ModelConfig, TensorSpec
-from bedside.protocol.types import InferRequest, InferResponse
+from bedside.errors import BedsideError, NotFound, Retired, Unavailable
+from bedside.modelconfig.model import AccessSpec, ModelConfig, TensorSpec
+from bedside.protocol.types import SYSTEM, Caller, InferRequest, InferResponse
 from bedside.repository.manager import ModelEntry, RepositoryManager, State
 from bedside.repository.store import ModelStore
 from bedside.scheduler.scheduler import Scheduler
 from bedside.scheduler.worker import ModelQueue
+from bedside.security.callers import Peer
 from bedside.settings import DEFAULTS, LimitSettings
 
 EXTENSIONS = ("binary_tensor_data", "model_repository", "statistics", "model_configuration")
@@ -47,12 +51,32 @@ def parse_version(version: str | None) -> int | None:
 
 
 class Dataplane:
-    def __init__(self, repository: Path, limits: LimitSettings = DEFAULTS.limits) -> None:
+    def __init__(self, repository: Path, limits: LimitSettings = DEFAULTS.limits, access: Access | None = None) -> None:
         self._scheduler = Scheduler(limits.max_tenants)
         self._manager = RepositoryManager(
             ModelStore(repository), self._scheduler.attach, self._scheduler.detach, limits.max_tenant_stats
         )
+        self.access = access or Access()
+        self._audit = self.access.audit
         self._started = False
+
+    # --- who is asking ----------------------------------------------------------------------------
+
+    @property
+    def auth_required(self) -> bool:
+        """Whether transports must look for credentials (off: every caller is the anonymous one)."""
+        return self.access.required
+
+    def authenticate(self, authorization: str | None, peer: Peer | None, transport: str) -> Caller:
+        """The caller an `Authorization` value or a verified client certificate names (401 if none)."""
+        return self.access.authenticate(authorization, peer, transport)
+
+    def require(self, caller: Caller, role: str, transport: str) -> None:
+        """403 unless the caller has `role` (the streams' endpoints: monitor; feeding a bed: see may_feed)."""
+        self.access.require(caller, role, transport=transport)
+
+    def may_feed(self, caller: Caller, bed: str, transport: str) -> None:
+        self.access.may_feed(caller, bed, transport)
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -75,31 +99,73 @@ class Dataplane:
     async def infer(
         self, model: str, version: str | None, request: InferRequest, context: CallContext = INTERNAL
     ) -> InferResponse:
+        if self._audit is None:
+            return await self._infer(model, version, request, context)
+        # audited: one entry per request, success or not, with its latency (never its data)
+        started = perf_counter_ns()
+        caller = context.caller
+        try:
+            response = await self._infer(model, version, request, context)
+        except BedsideError as exc:
+            self._audit.record(
+                "infer", caller.name, context.tenant, context.transport, model, version or "", request.id or "",
+                str(exc.status), (perf_counter_ns() - started) // 1000,
+            )  # fmt: skip
+            raise
+        self._audit.record(
+            "infer", caller.name, context.tenant, context.transport, model, response.model_version,
+            request.id or "", "ok", (perf_counter_ns() - started) // 1000,
+        )  # fmt: skip
+        return response
+
+    async def _infer(
+        self, model: str, version: str | None, request: InferRequest, context: CallContext
+    ) -> InferResponse:
         number = parse_version(version)
-        queue = self._serving(model, number)
+        caller = context.caller
+        queue = self._serving(model, number, caller, context.transport)
         try:
             future = queue.submit(request, context)
         except Retired:
             # reloaded while this request's body was read: the new queue (or a clear error) takes it
-            queue = self._serving(model, number)
+            queue = self._serving(model, number, caller, context.transport)
             future = queue.submit(request, context)
         outputs = await future
         return InferResponse(
             model, queue.version_text, outputs, request.id, queue.answer_parameters, queue.signature.finite_only
         )
 
-    def check_served(self, model: str, version: str | None) -> int | None:
-        """Raise what `infer` would for a model version that is not served, before a transport
-        spends time reading and decoding the body (a wrong URL answers 404 whatever it carries).
-        Returns the most input elements a request to it can carry (None: not bounded)."""
-        return self._serving(model, parse_version(version)).signature.max_elements
+    def check_served(self, model: str, version: str | None, caller: Caller, transport: str = "") -> int | None:
+        """Raise what `infer` would for a model version that is not served (or not the caller's),
+        before a transport spends time reading and decoding the body (a wrong URL answers 404
+        whatever it carries). Returns the most input elements a request to it can carry (None: not bounded)."""
+        return self._serving(model, parse_version(version), caller, transport).signature.max_elements
 
-    def _serving(self, model: str, version: int | None) -> ModelQueue:
-        """The queue serving this model version, or the NotFound / Unavailable that says why none does."""
+    def _serving(self, model: str, version: int | None, caller: Caller, transport: str) -> ModelQueue:
+        """The queue serving this model version, or the 403 / 404 / 503 that says why none does."""
+        if INFER not in caller.roles:
+            self.access.require(caller, INFER, transport=transport, action="infer")
         queue = self._scheduler.find(model, version)
         if queue is None:
+            self._check_model(caller, model, transport)
             self._explain_missing(model, version)
+        self.access.check_model(caller, model, queue.model.config.access, transport)
         return queue
+
+    def _check_model(self, caller: Caller, name: str, transport: str = "") -> None:
+        """404, worded as for a model that does not exist, unless the caller may see this one."""
+        self.access.check_model(caller, name, self._access_of(name), transport)
+
+    def _access_of(self, name: str) -> AccessSpec | None:
+        """The model's [access] from its loaded config, else from its folder (None: unreadable, the default)."""
+        entry = self._manager.entry(name)  # NotFound for a model that does not exist
+        if entry.config is not None:
+            return entry.config.access
+        try:
+            config = self._manager.store.config(name)
+        except BedsideError:
+            return None
+        return None if config is None else config.access
 
     def _explain_missing(self, name: str, version: int | None) -> NoReturn:
         entry = self._manager.entry(name)  # raises NotFound for a model not in the repository
@@ -112,10 +178,15 @@ class Dataplane:
 
     # --- metadata ------------------------------------------------------------------------------
 
-    def server_metadata(self) -> ServerMetadata:
+    def server_metadata(self, caller: Caller) -> ServerMetadata:
+        del caller  # any authenticated caller (the transport has authenticated it)
         return ServerMetadata("bedside", __version__, EXTENSIONS)
 
-    def _ready_entry(self, name: str, version: int | None) -> tuple[ModelEntry, ModelConfig, int]:
+    def _ready_entry(
+        self, name: str, version: int | None, caller: Caller, transport: str = ""
+    ) -> tuple[ModelEntry, ModelConfig, int]:
+        self.access.require(caller, *DESCRIBE, transport=transport)
+        self._check_model(caller, name, transport)
         entry = self._manager.entry(name)
         if version is not None and version not in entry.versions:
             raise NotFound(f"model {name!r} has no version {version}")
@@ -124,9 +195,9 @@ class Dataplane:
             raise Unavailable(f"model {name!r} is not ready: {entry.reason or entry.state.value.lower()}")
         return entry, entry.config, ready[-1] if version is None else version
 
-    def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
+    def model_metadata(self, name: str, version: str | None, caller: Caller, transport: str = "") -> ModelMetadata:
         number = parse_version(version)
-        entry, config, chosen = self._ready_entry(name, number)
+        entry, config, chosen = self._ready_entry(name, number, caller, transport)
         return ModelMetadata(
             name=name,
             versions=tuple(str(v) for v in entry.ready_versions()) if number is None else (str(chosen),),
@@ -135,10 +206,12 @@ class Dataplane:
             outputs=tuple(_tensor(config, s) for s in config.outputs),
         )
 
-    def model_config(self, name: str, version: str | None) -> ModelConfig:
-        return self._ready_entry(name, parse_version(version))[1]
+    def model_config(self, name: str, version: str | None, caller: Caller, transport: str = "") -> ModelConfig:
+        return self._ready_entry(name, parse_version(version), caller, transport)[1]
 
-    def model_ready(self, name: str, version: str | None) -> bool:
+    def model_ready(self, name: str, version: str | None, caller: Caller, transport: str = "") -> bool:
+        self.access.require(caller, *DESCRIBE, transport=transport)
+        self._check_model(caller, name, transport)
         entry = self._manager.entry(name)
         number = parse_version(version)
         if number is None:
@@ -149,7 +222,7 @@ class Dataplane:
 
     def contract(self, name: str) -> ModelContract:
         """How a stream uses this model: its input, score output and labels, from its config."""
-        _, config, version = self._ready_entry(name, None)
+        _, config, version = self._ready_entry(name, None, SYSTEM)
         spec = config.contract
         inputs = {s.name: s for s in config.inputs}
         return ModelContract(
@@ -164,9 +237,13 @@ class Dataplane:
 
     # --- repository control ------------------------------------------------------------------------
 
-    def repository_index(self) -> list[RepositoryEntry]:
+    def repository_index(self, caller: Caller, transport: str = "") -> list[RepositoryEntry]:
+        """Every model the caller's tenant may see (admin or monitor)."""
+        self.access.require(caller, ADMIN, MONITOR, transport=transport)
         rows: list[RepositoryEntry] = []
         for entry in self._manager.entries():
+            if not self.access.sees(caller, self._access_of(entry.name)):
+                continue
             if not entry.versions:
                 rows.append(RepositoryEntry(entry.name, None, entry.state.value, entry.reason))
             for version, status in sorted(entry.versions.items()):
@@ -184,40 +261,49 @@ class Dataplane:
                 )
         return rows
 
-    async def load(self, name: str) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._manager.load, name)
+    async def load(self, name: str, caller: Caller, transport: str = "") -> None:
+        await self._control("load", self._manager.load, name, caller, transport)
 
-    async def unload(self, name: str) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._manager.unload, name)
+    async def unload(self, name: str, caller: Caller, transport: str = "") -> None:
+        await self._control("unload", self._manager.unload, name, caller, transport)
+
+    async def _control(
+        self, action: str, run: Callable[[str], object], name: str, caller: Caller, transport: str
+    ) -> None:
+        self.access.require(caller, ADMIN, transport=transport, action=action)
+        error: Exception | None = None
+        try:
+            self._check_model(caller, name, transport)
+            await asyncio.get_running_loop().run_in_executor(None, run, name)
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            self.access.admin_action(caller, transport, action, name, error)
 
     # --- statistics ----------------------------------------------------------------------------------
 
-    def statistics(self, name: str | None = None, version: str | None = None) -> list[VersionStatistics]:
+    def statistics(
+        self, name: str | None, version: str | None, caller: Caller, transport: str = ""
+    ) -> list[VersionStatistics]:
+        """Per model version, for the models the caller's tenant may see (monitor). A tenant sees
+        only its own figures: its own row among the tenants, and on a model it does not own (one
+        shared with it) nothing of the model-wide counts that other tenants' requests make up."""
+        self.access.require(caller, MONITOR, transport=transport)
         number = parse_version(version)
-        entries = [self._manager.entry(name)] if name else self._manager.entries()
+        if name:
+            self._check_model(caller, name, transport)
+            entries = [self._manager.entry(name)]
+        else:
+            entries = [e for e in self._manager.entries() if self.access.sees(caller, self._access_of(e.name))]
         rows = []
         for entry in entries:
+            owned = self.access.owns(caller, self._access_of(entry.name))
             for v, status in sorted(entry.versions.items()):
                 if number is not None and v != number:
                     continue
-                s = status.stats
-                rows.append(
-                    VersionStatistics(
-                        name=entry.name,
-                        version=str(v),
-                        state=status.state.value,
-                        inference_count=s.inferences,
-                        execution_count=s.executions,
-                        success=Duration(s.request.count, s.request.total_ns),
-                        failure=Duration(s.failures, 0),
-                        queue=Duration(s.queue.count, s.queue.total_ns),
-                        compute=Duration(s.compute.count, s.compute.total_ns),
-                        last_inference_ms=s.last_inference_ms,
-                        batch_sizes=dict(s.batch_sizes),
-                        queue_depth=self._scheduler.depth(entry.name, v) or {},
-                        detail=s.to_dict(),
-                    )
-                )
+                row = version_statistics(entry.name, v, status, self._scheduler.depth(entry.name, v) or {})
+                rows.append(row if not restricted(caller) else row.for_tenant(caller.tenant, owned))
         return rows
 
 

@@ -6,7 +6,7 @@ Every transport (REST, gRPC, the ECG stream, the vitals scorer) turns its own re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bedside.protocol.types import DEFAULT_TENANT, CallContext
@@ -110,6 +110,29 @@ class VersionStatistics:
             **self.detail,
             "queue_depth": self.queue_depth,
         }
+
+    def for_tenant(self, tenant: str, owned: bool) -> VersionStatistics:
+        """What one tenant may see: on its own model, everything but the other tenants' rows; on a
+        model shared with it, only its own requests (count, rejections, latency percentiles)."""
+        tenants = self.detail.get("tenants", {})
+        mine = {tenant: tenants[tenant]} if tenant in tenants else {}
+        if owned:
+            return replace(self, detail={**self.detail, "tenants": mine})
+        row = tenants.get(tenant, {"success_count": 0, "rejected": 0, "latency": {}})
+        count = int(row["success_count"])
+        return VersionStatistics(
+            name=self.name,
+            version=self.version,
+            state=self.state,
+            inference_count=count,
+            execution_count=0,
+            success=Duration(count, 0),
+            failure=Duration(0, 0),
+            queue=Duration(0, 0),
+            compute=Duration(0, 0),
+            last_inference_ms=0,
+            detail={"tenant": tenant, **row},
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ dimension, which is always the first one of the graph.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,10 +16,12 @@ from typing import Any
 from bedside.errors import ModelLoadError
 from bedside.modelconfig.scheduling import SchedulingPolicy, parse_policy
 from bedside.protocol.datatypes import DATATYPES
+from bedside.protocol.types import DEFAULT_TENANT
 
 CONFIG_FILE = "config.toml"
 PROVIDERS = ("tensorrt", "cuda", "openvino", "cpu")
 DEFAULT_MAX_BATCH = 32
+_TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,18 @@ class ContractSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessSpec:
+    """Which tenants may see and use the model (`[access]`), when callers authenticate: its owner
+    and the tenants it is shared with ("*": every tenant). Left out: owned by the default tenant."""
+
+    owner: str = DEFAULT_TENANT
+    shared_with: tuple[str, ...] = ()
+
+    def admits(self, tenant: str) -> bool:
+        return tenant == self.owner or tenant in self.shared_with or "*" in self.shared_with
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
     inputs: tuple[TensorSpec, ...]
@@ -102,6 +117,7 @@ class ModelConfig:
     warmup: WarmupSpec | None = field(default_factory=WarmupSpec)
     scheduling: SchedulingPolicy = field(default_factory=SchedulingPolicy)
     contract: ContractSpec = field(default_factory=ContractSpec)
+    access: AccessSpec = field(default_factory=AccessSpec)  # not in to_dict: tenants see no other tenant's name
     # NaN/Infinity in inputs or outputs: refused by default (a clinical score from a NaN is no score)
     allow_non_finite: bool = False
     inferred: bool = False
@@ -149,6 +165,7 @@ _TOP_KEYS = {
     "tenants",
     "contract",
     "allow_non_finite",
+    "access",
 }
 
 
@@ -202,6 +219,7 @@ def parse_config(doc: dict[str, Any], folder_name: str, folder: Path | None = No
         ),
         contract=_contract(doc.get("contract"), inputs, outputs, folder),
         allow_non_finite=_bool(doc, "allow_non_finite", _FIELD["allow_non_finite"]),
+        access=_access(doc.get("access")),
     )
     if config.scheduling.reserved_instances >= config.instances:
         raise ModelLoadError(
@@ -209,6 +227,21 @@ def parse_config(doc: dict[str, Any], folder_name: str, folder: Path | None = No
             f"routine work; raise instances (now {config.instances})"
         )
     return config
+
+
+def _access(raw: Any) -> AccessSpec:
+    if raw is None:
+        return AccessSpec()
+    if not isinstance(raw, dict) or set(raw) - {"owner", "shared_with"}:
+        raise ModelLoadError("access takes owner (a tenant) and shared_with (a list of tenants, or [\"*\"])")
+    owner = raw.get("owner", DEFAULT_TENANT)
+    shared = raw.get("shared_with", [])
+    if not isinstance(shared, list):
+        raise ModelLoadError("access.shared_with must be a list of tenant names")
+    for tenant in [owner, *(t for t in shared if t != "*")]:
+        if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
+            raise ModelLoadError(f"access: tenant {str(tenant)[:64]!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    return AccessSpec(owner, tuple(shared))
 
 
 def _int(doc: dict[str, Any], key: str, default: int, minimum: int) -> int:

@@ -25,13 +25,17 @@ from typing import Any
 import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from bedside.security.callers import Peer
+from bedside.security.tls import peer_of
 from bedside.settings import ServerSettings
 
 log = logging.getLogger("bedside.server")
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 _REASONS[503] = b"Service Unavailable"
+PEER_KEY = "bedside.peer"  # scope key: the verified client certificate (a security.callers.Peer), or None
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,15 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
         self._message_done = True
         self._closed_by_guard = False
         self._since = 0  # order of the connection, or of its last request's start (`_tick`)
+        self._peer: Peer | None = None
 
     # --- connection -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # over mutual TLS the client certificate is verified once, in the handshake: read it once
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._peer = None if ssl_object is None else peer_of(ssl_object)
         limits = self.limits
         self._since = self._tick()
         if len(self.connections) > limits.max_connections and not self._make_room():
@@ -90,6 +98,10 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[PEER_KEY] = self._peer  # type: ignore[literal-required]
 
     def data_received(self, data: bytes) -> None:
         if self._closed_by_guard:
@@ -211,6 +223,15 @@ class GuardedHTTPProtocol(HttpToolsProtocol):
             head.append(b"retry-after: 1\r\n")
         self.transport.write(b"".join([*head, b"\r\n", body]))
         self.transport.close()
+
+
+class PeerWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, with the verified client certificate in the scope as for HTTP."""
+
+    async def run_asgi(self) -> None:
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        self.scope[PEER_KEY] = None if ssl_object is None else peer_of(ssl_object)  # type: ignore[literal-required]
+        await super().run_asgi()
 
 
 def protocol_for(server: ServerSettings) -> type[GuardedHTTPProtocol]:

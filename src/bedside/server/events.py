@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -19,17 +20,29 @@ POLICY_VIOLATION = 1008
 TOO_BIG = 1009
 
 
-async def serve_ecg(streams: Streams | None, scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def serve_ecg(
+    streams: Streams | None, scope: dict[str, Any], receive: Any, send: Any, may_feed: Callable[[str], None]
+) -> None:
     """/v2/streams/ecg/{bed}: binary float32 [n, 12] chunks in, one JSON result per window out.
-    A bad chunk gets an error message and the connection stays."""
+    A bad chunk gets an error message and the connection stays. `may_feed(bed)` raises (401/403)
+    unless the caller is a device allowed to feed the bed: refused before the socket is accepted."""
     if (await receive())["type"] != "websocket.connect":
         return
     path: str = scope["path"].rstrip("/")
     if streams is None or not path.startswith(ECG_PREFIX):
         await _close(send, POLICY_VIOLATION, "no WebSocket here; the ECG stream is /v2/streams/ecg/{bed}")
         return
+    bed = path[len(ECG_PREFIX) :]
     try:
-        session = streams.open_ecg(path[len(ECG_PREFIX) :])
+        may_feed(bed)
+    except BedsideError as exc:  # 401 / 403 as an HTTP answer to the upgrade, with its reason
+        headers = [(b"content-type", b"application/json")]
+        headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+        await send({"type": "websocket.http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": orjson.dumps({"error": exc.message})})
+        return
+    try:
+        session = streams.open_ecg(bed)
     except BedsideError as exc:
         await _close(send, POLICY_VIOLATION, f"use /v2/streams/ecg/{{bed}}: {exc.message}")
         return

@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
 
 from bedside.dataplane import Dataplane, call_context
+from bedside.dataplane.access import MONITOR
 from bedside.errors import BedsideError, InvalidInput, MethodNotAllowed, NotFound, TooLarge, Unavailable
 from bedside.monitoring.redact import describe_exception
 from bedside.protocol.codec import decode_request, encode_response
-from bedside.protocol.types import InferRequest
+from bedside.protocol.types import ANONYMOUS, Caller, InferRequest
+from bedside.server.connections import PEER_KEY
 from bedside.server.events import serve_ecg, serve_sse
 from bedside.settings import ServerSettings
 from bedside.streams.service import Streams
@@ -70,15 +73,37 @@ class App:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http" and scope["path"] == "/v2/alerts/stream" and self.streams is not None:
+            try:
+                self.dataplane.require(self._caller(scope, "sse"), MONITOR, "sse")
+            except BedsideError as exc:
+                await _send(send, error_response(exc))
+                return
             await serve_sse(self.streams, receive, send)
         elif kind == "websocket":
-            await serve_ecg(self.streams, scope, receive, send)
+            await serve_ecg(self.streams, scope, receive, send, self._feeder(scope))
         elif kind == "http":
-            response = await self._handle(scope, receive)
-            headers = [*response.headers, (b"content-length", str(len(response.body)).encode())]
-            await send({"type": "http.response.start", "status": response.status, "headers": headers})
-            await send({"type": "http.response.body", "body": response.body})
+            await _send(send, await self._handle(scope, receive))
         # no lifespan: server.run starts and stops the dataplane, the streams and gRPC itself
+
+    def _caller(self, scope: dict[str, Any], transport: str) -> Caller:
+        """Who sends this request: with authentication on, the caller its bearer token or (over
+        mutual TLS) its client certificate names; else the one anonymous caller, at no cost."""
+        if not self.dataplane.auth_required:
+            return ANONYMOUS
+        authorization = None
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        return self.dataplane.authenticate(authorization, scope.get(PEER_KEY), transport)
+
+    def _feeder(self, scope: dict[str, Any]) -> Callable[[str], None]:
+        """The check that this WebSocket's caller may feed a bed (401 / 403 as BedsideError)."""
+
+        def check(bed: str) -> None:
+            self.dataplane.may_feed(self._caller(scope, "ecg"), bed, "ecg")
+
+        return check
 
     async def _handle(self, scope: dict[str, Any], receive: Any) -> Response:
         call = _Call(scope, receive)
@@ -100,6 +125,14 @@ class App:
             raise NotFound(f"no route {scope['path']}; the API lives under /v2")
         rest = parts[1:]
         dataplane = self.dataplane
+        if rest[:1] == ["health"] and len(rest) == 2:  # probes answer anyone: they say nothing but up / ready
+            _require(method, "GET", scope)
+            if rest[1] == "live":
+                return json_response({"live": dataplane.live()})
+            if rest[1] == "ready":
+                ready = dataplane.ready()
+                return json_response({"ready": ready}, 200 if ready else 503)
+        caller = self._caller(scope, "rest")
 
         if rest and rest[0] == "models" and len(rest) >= 2:
             name = rest[1]
@@ -112,33 +145,27 @@ class App:
                 raise NotFound(f"no route {scope['path']}")
             if action == "infer":
                 _require(method, "POST", scope)
-                return await self._infer(call, name, version)
+                return await self._infer(call, name, version, caller)
             _require(method, "GET", scope)
             if name == "stats" and version is None and not tail:
-                return json_response(_statistics(dataplane, None, None))
+                return json_response(_statistics(dataplane, None, None, caller))
             if action == "":
-                return json_response(dataplane.model_metadata(name, version).to_dict())
+                return json_response(dataplane.model_metadata(name, version, caller, "rest").to_dict())
             if action == "ready":
-                ready = dataplane.model_ready(name, version)
+                ready = dataplane.model_ready(name, version, caller, "rest")
                 return json_response({"name": name, "ready": ready}, 200 if ready else 503)
             if action == "config":
-                return json_response(dataplane.model_config(name, version).to_dict())
+                return json_response(dataplane.model_config(name, version, caller, "rest").to_dict())
             if action == "stats":
-                return json_response(_statistics(dataplane, name, version))
+                return json_response(_statistics(dataplane, name, version, caller))
             raise NotFound(f"no route {scope['path']}")
 
         if not rest:
             _require(method, "GET", scope)
-            return json_response(dataplane.server_metadata().to_dict())
-        if rest[0] == "health" and len(rest) == 2:
-            _require(method, "GET", scope)
-            if rest[1] == "live":
-                return json_response({"live": dataplane.live()})
-            if rest[1] == "ready":
-                ready = dataplane.ready()
-                return json_response({"ready": ready}, 200 if ready else 503)
+            return json_response(dataplane.server_metadata(caller).to_dict())
         if rest[0] in ("beds", "alerts", "streams") and self.streams is not None:
             _require(method, "GET", scope)
+            dataplane.require(caller, MONITOR, "rest")
             if rest == ["beds"]:
                 return json_response(self.streams.beds_view())
             if rest == ["alerts"]:
@@ -149,19 +176,19 @@ class App:
             _require(method, "POST", scope)
             if rest[1:] == ["index"]:
                 await self._read_body(call, CONTROL_BODY)
-                return json_response([row.to_dict() for row in dataplane.repository_index()])
+                return json_response([row.to_dict() for row in dataplane.repository_index(caller, "rest")])
             if len(rest) == 4 and rest[1] == "models" and rest[3] in ("load", "unload"):
                 await self._read_body(call, CONTROL_BODY)
                 if rest[3] == "load":
-                    await dataplane.load(rest[2])
+                    await dataplane.load(rest[2], caller, "rest")
                 else:
-                    await dataplane.unload(rest[2])
+                    await dataplane.unload(rest[2], caller, "rest")
                 return json_response({})
         raise NotFound(f"no route {method} {scope['path']}")
 
-    async def _infer(self, call: _Call, name: str, version: str | None) -> Response:
+    async def _infer(self, call: _Call, name: str, version: str | None, caller: Caller) -> Response:
         scope = call.scope
-        max_elements = self.dataplane.check_served(name, version)
+        max_elements = self.dataplane.check_served(name, version, caller, "rest")
         # no valid request to this model is larger than its inputs written as JSON numbers
         limit = self.max_body if max_elements is None else min(self.max_body, bound_for(max_elements))
         header_length = None
@@ -191,7 +218,7 @@ class App:
             loop = asyncio.get_running_loop()
             request = await loop.run_in_executor(self._decoder, _decode, body, encoding, limit, header_length)
         context = call_context(
-            request.parameters, tenant=tenant, priority=priority, timeout_ms=timeout_ms, transport="rest"
+            request.parameters, tenant=tenant, priority=priority, timeout_ms=timeout_ms, transport="rest", caller=caller
         )
         response = await self.dataplane.infer(name, version, request, context)
         if sum(a.nbytes for a in response.outputs.values()) <= self.inline_decode:
@@ -279,5 +306,11 @@ def _require(method: str, expected: str, scope: dict[str, Any]) -> None:
         raise MethodNotAllowed(f"{scope['path']} takes {expected}, not {method}", {"Allow": expected})
 
 
-def _statistics(dataplane: Dataplane, name: str | None, version: str | None) -> dict[str, Any]:
-    return {"model_stats": [row.to_dict() for row in dataplane.statistics(name, version)]}
+def _statistics(dataplane: Dataplane, name: str | None, version: str | None, caller: Caller) -> dict[str, Any]:
+    return {"model_stats": [row.to_dict() for row in dataplane.statistics(name, version, caller, "rest")]}
+
+
+async def _send(send: Any, response: Response) -> None:
+    headers = [*response.headers, (b"content-length", str(len(response.body)).encode())]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
+import os
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +19,14 @@ from pathlib import Path
 import uvicorn
 
 from bedside.dataplane import Dataplane
+from bedside.dataplane.access import Access
 from bedside.monitoring import redact
-from bedside.server.connections import protocol_for
+from bedside.security.audit import AuditLog
+from bedside.security.callers import CallerRegistry, CallersError
+from bedside.security.tls import TLSConfigError, grpc_credentials_args, server_context
+from bedside.server.connections import PeerWebSocketProtocol, protocol_for
 from bedside.server.rest import App
-from bedside.settings import Settings
+from bedside.settings import SecuritySettings, Settings, audit_path, callers_path
 from bedside.streams.service import Streams
 
 log = logging.getLogger("bedside.server")
@@ -73,6 +80,68 @@ def check_ports(settings: Settings) -> None:
         _bind(host, port, what).close()
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may well be the ward network's
+
+
+def check_security(settings: Settings) -> None:
+    """Raise StartupError for TLS files that cannot serve, a callers file that cannot be read, a key
+    that cannot be had, or a listener beyond loopback without TLS and authentication (unless
+    `security.insecure`, which is then warned about on every start)."""
+    security, server, streams = settings.security, settings.server, settings.streams
+    try:
+        tls = server_context(security) is not None
+        if security.auth:
+            registry = CallerRegistry(callers_path(settings, os.environ))
+            if not registry.records:
+                raise StartupError(
+                    "authentication is on but no caller is registered, so every request would be refused; "
+                    "add one with `bedside tokens add NAME --tenant T --role R` (or `bedside certs client`)"
+                )
+    except (TLSConfigError, CallersError) as exc:
+        raise StartupError(str(exc)) from None
+    mllp_host = streams.mllp_host or server.host
+    mllp_open = streams.enabled and streams.mllp_port >= 0 and not _loopback(mllp_host)
+    open_ports = []
+    if not _loopback(server.host) and not (tls and security.auth):
+        open_ports.append("HTTP and gRPC")
+    if mllp_open and not (tls and security.mllp_tls and security.auth):
+        open_ports.append("HL7 MLLP")
+    if open_ports:
+        exposed = " and ".join(open_ports)
+        if not security.insecure:
+            raise StartupError(
+                f"{exposed} would listen beyond this box without TLS and authentication, open to anyone on the "
+                "network: give --tls-cert, --tls-key and --auth (see `bedside certs`, `bedside tokens`), "
+                "or --insecure to accept that risk"
+            )
+        log.warning(
+            "INSECURE: %s listen beyond this box without TLS and authentication (security.insecure); "
+            "anyone on the network can read results and feed beds",
+            exposed,
+        )
+
+
+def _access(settings: Settings) -> tuple[Access, AuditLog | None]:
+    security = settings.security
+    registry = CallerRegistry(callers_path(settings, os.environ)) if security.auth else None
+    audit = None
+    if security.audit:
+        audit = AuditLog(
+            audit_path(settings, os.environ),
+            buffer_max=security.audit_buffer,
+            flush_ms=security.audit_flush_ms,
+            retention_days=security.audit_retention_days,
+        )
+        audit.start()
+    return Access(registry, audit), audit
+
+
 def serve(repository: Path, settings: Settings) -> None:
     server = settings.server
     redact.install(server.log_level)
@@ -105,8 +174,12 @@ class _HTTPServer(uvicorn.Server):
 
 
 async def _serve(repository: Path, settings: Settings) -> None:
-    server = settings.server
-    dataplane = Dataplane(repository, settings.limits)
+    server, security = settings.server, settings.security
+    try:
+        access, audit = _access(settings)
+    except OSError as exc:
+        raise StartupError(f"the audit log cannot be opened (security.audit_file): {exc.strerror or exc}") from None
+    dataplane = Dataplane(repository, settings.limits, access)
     streams = Streams(dataplane, settings) if settings.streams.enabled else None
     app = App(dataplane, server, streams)
     http = _HTTPServer(
@@ -122,6 +195,11 @@ async def _serve(repository: Path, settings: Settings) -> None:
             timeout_keep_alive=int(server.keepalive_s),
             ws_max_size=settings.limits.max_ws_message_kb << 10,
             ws_per_message_deflate=False,  # float32 ECG samples barely compress; deflate cost CPU on every chunk
+            ws=PeerWebSocketProtocol,  # the client certificate in the scope, as for HTTP
+            ssl_certfile=security.tls_cert or None,
+            ssl_keyfile=security.tls_key or None,
+            ssl_ca_certs=security.tls_client_ca or None,
+            ssl_cert_reqs=_client_cert_mode(security),
         )
     )
     # Every listener first, so a taken port ends the start at once; then the models load beside
@@ -148,6 +226,7 @@ async def _serve(repository: Path, settings: Settings) -> None:
                     server.keepalive_s,
                     server.max_connections,
                     server.inline_decode_kb << 10,
+                    grpc_credentials_args(security),
                 )
             except OSError as exc:
                 raise StartupError(f"gRPC: {exc}; choose another with {_LISTENERS['gRPC']}") from None
@@ -164,6 +243,14 @@ async def _serve(repository: Path, settings: Settings) -> None:
             with contextlib.suppress(Exception):  # already reported by _report_loading
                 await loading
         dataplane.close()
+        if audit is not None:
+            audit.close()  # what is still in memory is written before the process ends
+
+
+def _client_cert_mode(security: SecuritySettings) -> int:
+    if not security.tls_client_ca:
+        return ssl.CERT_NONE
+    return ssl.CERT_REQUIRED if security.client_cert == "required" else ssl.CERT_OPTIONAL
 
 
 def _report_loading(loading: asyncio.Future[None]) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import http.client
+import os
+import ssl
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,14 +22,35 @@ class ServerError(Exception):
         self.message = message
 
 
+# Credentials for a server with authentication and TLS on, from the environment so that they stay
+# out of shell history and `ps`: a bearer token, the CA that signed the server's certificate, and a
+# client certificate and key for mutual TLS.
+CLIENT_ENV = ("BEDSIDE_TOKEN", "BEDSIDE_TLS_CA", "BEDSIDE_TLS_CLIENT_CERT", "BEDSIDE_TLS_CLIENT_KEY")
+
+
 class Client:
-    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str = "http://127.0.0.1:8000", timeout: float = 30.0, environ: Mapping[str, str] = os.environ
+    ) -> None:
         parts = urlsplit(url if "://" in url else f"http://{url}")
-        self._conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 8000, timeout=timeout)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 8000
+        self._token = environ.get("BEDSIDE_TOKEN", "").strip()
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=environ.get("BEDSIDE_TLS_CA") or None)
+            cert = environ.get("BEDSIDE_TLS_CLIENT_CERT")
+            if cert:
+                context.load_cert_chain(cert, environ.get("BEDSIDE_TLS_CLIENT_KEY") or None)
+            self._conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, timeout=timeout, context=context
+            )
+        else:
+            self._conn = http.client.HTTPConnection(host, port, timeout=timeout)
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
         payload = None if body is None else orjson.dumps(body)
         headers = {"Content-Type": "application/json"} if payload is not None else {}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
         self._conn.request(method, path, body=payload, headers=headers)
         response = self._conn.getresponse()
         data = response.read()

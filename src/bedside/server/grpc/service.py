@@ -17,7 +17,10 @@ which could carry request data.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,6 +33,7 @@ from bedside.dataplane.context import PRIORITY_KEY, TENANT_KEY, TIMEOUT_MS_KEY
 from bedside.errors import (
     BedsideError,
     DeadlineExceeded,
+    Forbidden,
     InferenceFailed,
     InvalidInput,
     MethodNotAllowed,
@@ -37,9 +41,13 @@ from bedside.errors import (
     NotFound,
     Overloaded,
     TooLarge,
+    Unauthenticated,
     Unavailable,
 )
 from bedside.monitoring.redact import describe_exception
+from bedside.protocol.types import ANONYMOUS, Caller
+from bedside.security.callers import Peer
+from bedside.security.tls import GrpcTLS
 from bedside.server.grpc import codec
 from bedside.server.grpc import oip_pb2 as pb
 from bedside.settings import DEFAULTS
@@ -60,9 +68,11 @@ STATUS_CODES: dict[type[BedsideError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
     InferenceFailed: grpc.StatusCode.INTERNAL,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Forbidden: grpc.StatusCode.PERMISSION_DENIED,
 }
 
-_DEFAULT_CONTEXT = call_context(None, transport="grpc")
+_DEFAULT_CONTEXT = call_context(None, transport="grpc", caller=ANONYMOUS)
 _CONTEXT_KEYS = (TENANT_KEY, PRIORITY_KEY, TIMEOUT_MS_KEY)
 
 
@@ -85,13 +95,13 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, exc: Exception) 
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
 
-def caller_context(parameters: dict[str, Any], metadata: Any) -> CallContext:
+def caller_context(parameters: dict[str, Any], metadata: Any, caller: Caller = ANONYMOUS) -> CallContext:
     """The call's tenant, priority and deadline from its metadata and request parameters."""
     found: dict[str, str] = {}
     for key, value in metadata or ():
         if key in _CONTEXT_KEYS:
             found[key] = value if isinstance(value, str) else value.decode("latin-1")
-    if not found and "priority" not in parameters and "timeout" not in parameters:
+    if not found and "priority" not in parameters and "timeout" not in parameters and caller is ANONYMOUS:
         return _DEFAULT_CONTEXT
     return call_context(
         parameters,
@@ -99,7 +109,15 @@ def caller_context(parameters: dict[str, Any], metadata: Any) -> CallContext:
         priority=found.get(PRIORITY_KEY),
         timeout_ms=found.get(TIMEOUT_MS_KEY),
         transport="grpc",
+        caller=caller,
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _peer(common_name: bytes, pem: bytes) -> Peer:
+    """A client certificate as the callers file knows it; cached, as a connection's calls repeat it."""
+    der = ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
+    return Peer(common_name.decode("utf-8", "replace"), hashlib.sha256(der).hexdigest())
 
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -117,14 +135,17 @@ class InferenceServicer:
 
     async def model_infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
-            self.dataplane.check_served(request.model_name, request.model_version)  # as REST: 404 before the body
+            caller = self._caller(context)
+            self.dataplane.check_served(
+                request.model_name, request.model_version, caller, "grpc"
+            )  # 404 before the body
             if request.ByteSize() <= self.inline_decode:
                 infer_request, parameters = codec.decode_request(request)
             else:
                 loop = asyncio.get_running_loop()
                 infer_request, parameters = await loop.run_in_executor(self._decoder, codec.decode_request, request)
-            caller = caller_context(parameters, context.invocation_metadata())
-            response = await self.dataplane.infer(request.model_name, request.model_version, infer_request, caller)
+            call = caller_context(parameters, context.invocation_metadata(), caller)
+            response = await self.dataplane.infer(request.model_name, request.model_version, infer_request, call)
             return codec.encode_response(response)
         except BedsideError as exc:
             await _abort(context, exc)
@@ -132,6 +153,24 @@ class InferenceServicer:
             raise
         except Exception as exc:
             await _fail(context, "ModelInfer", exc)
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        """Who makes this call: its `authorization` metadata ("Bearer <token>") or, over mutual TLS,
+        its verified client certificate; with authentication off, the one anonymous caller."""
+        if not self.dataplane.auth_required:
+            return ANONYMOUS
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                authorization = value if isinstance(value, str) else value.decode("latin-1")
+                break
+        peer = None
+        if authorization is None:
+            found = context.auth_context()
+            names, pems = found.get("x509_common_name"), found.get("x509_pem_cert")
+            if names and pems:
+                peer = _peer(names[0], pems[0])
+        return self.dataplane.authenticate(authorization, peer, "grpc")
 
     # --- health and metadata -------------------------------------------------------------------------
 
@@ -142,50 +181,60 @@ class InferenceServicer:
         return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
     async def model_ready(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        # As Triton: a model or version the server does not know is simply not ready (status OK).
+        # As Triton: a model or version the server does not know (or another tenant's) is simply not ready.
+        caller = self._caller(context)
         try:
-            ready = self.dataplane.model_ready(request.name, request.version)
+            ready = self.dataplane.model_ready(request.name, request.version, caller, "grpc")
         except NotFound:
             ready = False
         return pb.ModelReadyResponse(ready=ready)
 
     async def server_metadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        meta = self.dataplane.server_metadata()
+        meta = self.dataplane.server_metadata(self._caller(context))
         return pb.ServerMetadataResponse(name=meta.name, version=meta.version, extensions=meta.extensions)
 
     async def model_metadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        return codec.model_metadata(self.dataplane.model_metadata(request.name, request.version))
+        return codec.model_metadata(
+            self.dataplane.model_metadata(request.name, request.version, self._caller(context), "grpc")
+        )
 
     async def model_config(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        return codec.model_config(self.dataplane.model_config(request.name, request.version))
+        return codec.model_config(
+            self.dataplane.model_config(request.name, request.version, self._caller(context), "grpc")
+        )
 
     async def model_statistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
-        return codec.statistics(self.dataplane.statistics(request.name or None, request.version or None))
+        caller = self._caller(context)
+        return codec.statistics(
+            self.dataplane.statistics(request.name or None, request.version or None, caller, "grpc")
+        )
 
     # --- repository control ----------------------------------------------------------------------------
 
     async def repository_index(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
-        return codec.repository_index(self.dataplane.repository_index(), request.ready)
+        return codec.repository_index(self.dataplane.repository_index(self._caller(context), "grpc"), request.ready)
 
     async def repository_model_load(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
+        caller = self._caller(context)
         if request.parameters:
             raise MethodNotAllowed(
                 f"load parameters ({', '.join(sorted(request.parameters))[:200]}) are not supported: bedside "
                 "loads a model as its repository folder has it (no config override, no uploaded files)"
             )
-        await self.dataplane.load(request.model_name)
+        await self.dataplane.load(request.model_name, caller, "grpc")
         return pb.RepositoryModelLoadResponse()
 
     async def repository_model_unload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
+        caller = self._caller(context)
         # tritonclient always sends unload_dependents; bedside has no ensembles, so there are none to unload
         unsupported = sorted(set(request.parameters) - {"unload_dependents"})
         if unsupported:
             raise MethodNotAllowed(f"unload parameters ({', '.join(unsupported)[:200]}) are not supported")
-        await self.dataplane.unload(request.model_name)
+        await self.dataplane.unload(request.model_name, caller, "grpc")
         return pb.RepositoryModelUnloadResponse()
 
     # --- registration -----------------------------------------------------------------------------------
@@ -254,6 +303,7 @@ async def start_grpc_server(
     idle_s: float = DEFAULTS.server.keepalive_s,
     max_calls: int = DEFAULTS.server.max_connections,
     inline_decode_bytes: int = DEFAULTS.server.inline_decode_kb << 10,
+    tls: GrpcTLS | None = None,
 ) -> grpc.aio.Server:
     """Bind, start and return the server on the running event loop; stop it with `await server.stop(grace)`.
 
@@ -261,7 +311,9 @@ async def start_grpc_server(
     before it is read into memory); replies are not bounded here. Beyond `max_calls` calls in
     progress a new one fails RESOURCE_EXHAUSTED; a connection idle for `idle_s` is closed, so
     neither calls nor connections pile up. Metadata stays within gRPC's own 8 KiB default. Raises
-    OSError when the address cannot be bound."""
+    OSError when the address cannot be bound. With `tls`, the port serves TLS only (mutual TLS when
+    it asks for client certificates: gRPC then requires one; optional client certificates are an
+    HTTP-only mode, token callers use the `authorization` metadata)."""
     server = grpc.aio.server(
         maximum_concurrent_rpcs=max_calls,
         options=[
@@ -276,7 +328,15 @@ async def start_grpc_server(
     server.add_generic_rpc_handlers((InferenceServicer(dataplane, inline_decode_bytes).handler(),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.private_key, tls.certificate_chain)],
+                root_certificates=tls.root_certificates,
+                require_client_auth=tls.require_client_auth,
+            )
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError:  # newer grpcio raises where older ones returned 0
         bound = 0
     if not bound:
