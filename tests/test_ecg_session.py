@@ -95,7 +95,10 @@ def test_no_model_means_heart_rate_only(tmp_path):
     dataplane.start()
     results, _ = run_session(dataplane, "ecg_rhythm")
     dataplane.close()
-    assert all(r["degraded"] and "unknown model 'ecg_rhythm'" in r["reason"] and r["heart_rate"] for r in results)
+    assert all(
+        r["degraded"] and "model 'ecg_rhythm' is not in the repository" in r["reason"] and r["heart_rate"]
+        for r in results
+    )
 
 
 def test_bed_names_are_checked_by_the_streams(tmp_path):

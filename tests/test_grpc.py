@@ -389,7 +389,10 @@ def test_model_errors(client):
     assert "expected shape [-1, 30]" in info.value.message() and "'features'" in info.value.message()
     with pytest.raises(InferenceServerException) as info:
         client.infer("no_such_model", [_input("features", x, "FP32")])
-    assert _status(info.value) == str(Code.NOT_FOUND) and "unknown model 'no_such_model'" in info.value.message()
+    assert (
+        _status(info.value) == str(Code.NOT_FOUND)
+        and "model 'no_such_model' is not in the repository" in info.value.message()
+    )
     for broken in ("corrupt", "mismatch", "missing_file"):
         with pytest.raises(InferenceServerException) as info:
             client.infer(broken, [_input("x", np.zeros((1, 4), np.float32), "FP32")])

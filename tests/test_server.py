@@ -196,7 +196,7 @@ def test_versions_are_addressable(server):
 @pytest.mark.parametrize(
     ("path", "doc", "status", "message"),
     [
-        ("/v2/models/nope/infer", {}, 404, "unknown model 'nope'"),
+        ("/v2/models/nope/infer", {}, 404, "model 'nope' is not in the repository"),
         ("/v2/models/breast_mass_malignancy/versions/9/infer", {}, 404, "no version 9"),
         ("/v2/models/breast_mass_malignancy/versions/x/infer", {}, 404, "not a positive integer"),
         ("/v2/models/corrupt/infer", {}, 503, "ONNX Runtime cannot load"),

@@ -174,9 +174,7 @@ def serve(
     ] = None,
     insecure: Annotated[
         bool | None,
-        typer.Option(
-            "--insecure", help="Listen beyond loopback without TLS and authentication (refused otherwise)."
-        ),
+        typer.Option("--insecure", help="Listen beyond loopback without TLS and authentication (refused otherwise)."),
     ] = None,
     sets: Annotated[
         list[str] | None,

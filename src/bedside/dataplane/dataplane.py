@@ -35,6 +35,7 @@ from bedside.repository.store import ModelStore
 from bedside.scheduler.scheduler import Scheduler
 from bedside.scheduler.worker import ModelQueue
 from bedside.security.callers import Peer
+from bedside.security.keys import KeyRing
 from bedside.settings import DEFAULTS, LimitSettings
 
 EXTENSIONS = ("binary_tensor_data", "model_repository", "statistics", "model_configuration")
@@ -51,10 +52,18 @@ def parse_version(version: str | None) -> int | None:
 
 
 class Dataplane:
-    def __init__(self, repository: Path, limits: LimitSettings = DEFAULTS.limits, access: Access | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        limits: LimitSettings = DEFAULTS.limits,
+        access: Access | None = None,
+        keys: KeyRing | None = None,
+    ) -> None:
+        """`access`: who may do what (default: authentication off, nothing audited); `keys`: the
+        key ring that opens encrypted models (`model.onnx.enc`), decrypted into memory only."""
         self._scheduler = Scheduler(limits.max_tenants)
         self._manager = RepositoryManager(
-            ModelStore(repository), self._scheduler.attach, self._scheduler.detach, limits.max_tenant_stats
+            ModelStore(repository, keys=keys), self._scheduler.attach, self._scheduler.detach, limits.max_tenant_stats
         )
         self.access = access or Access()
         self._audit = self.access.audit

@@ -233,7 +233,7 @@ def _access(raw: Any) -> AccessSpec:
     if raw is None:
         return AccessSpec()
     if not isinstance(raw, dict) or set(raw) - {"owner", "shared_with"}:
-        raise ModelLoadError("access takes owner (a tenant) and shared_with (a list of tenants, or [\"*\"])")
+        raise ModelLoadError('access takes owner (a tenant) and shared_with (a list of tenants, or ["*"])')
     owner = raw.get("owner", DEFAULT_TENANT)
     shared = raw.get("shared_with", [])
     if not isinstance(shared, list):

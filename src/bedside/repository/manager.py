@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from bedside.errors import BedsideError, ModelLoadError, NotFound
+from bedside.errors import BedsideError, ModelLoadError, model_not_found
 from bedside.modelconfig.graph import check_against_graph, infer_config
 from bedside.modelconfig.model import ModelConfig
 from bedside.monitoring.latency import MAX_TENANTS, ModelStats
@@ -83,7 +83,7 @@ class RepositoryManager:
         if found is None:
             if name in self.store.names():
                 return ModelEntry(name)
-            raise NotFound(f"unknown model {name[:64]!r}")
+            raise model_not_found(name)
         return found
 
     def entries(self) -> list[ModelEntry]:
@@ -165,11 +165,11 @@ class RepositoryManager:
 
     def _load_version(self, entry: ModelEntry, version: int) -> VersionStatus:
         try:
-            path = self.store.model_file(entry.name, version)
+            path, source = self.store.model_source(entry.name, version)  # bytes for an encrypted model
             preference = entry.config.execution_providers if entry.config else ("tensorrt", "cuda", "openvino", "cpu")
             threads = entry.config.threads if entry.config else 0
             instances = entry.config.instances if entry.config else 1
-            session = open_session(path, threads, preference, instances)
+            session = open_session(source, threads, preference, instances, path.name)
             inputs, outputs = graph_io(session)
             config = entry.config or infer_config(entry.name, inputs, outputs)
             check_against_graph(config, inputs, outputs)

@@ -45,25 +45,33 @@ def _graph_tensor(arg: ort.NodeArg, kind: str) -> GraphTensor:
     return GraphTensor(arg.name, datatype, shape)
 
 
-def open_session(path: Path, threads: int, preference: tuple[str, ...], instances: int = 1) -> ort.InferenceSession:
+def open_session(
+    source: Path | bytes, threads: int, preference: tuple[str, ...], instances: int = 1, label: str = ""
+) -> ort.InferenceSession:
+    """A session for the model at `source`, a path or the model's bytes (a decrypted model is
+    handed over in memory, so it never touches the disk). `label` names it in errors."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.inter_op_num_threads = 1
-    opts.intra_op_num_threads = threads or _auto_threads(path, instances)
+    opts.intra_op_num_threads = threads or _auto_threads(
+        len(source) if isinstance(source, bytes) else Path(source).stat().st_size, instances
+    )
     # Spinning threads would steal the cores the event loop and other models need.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
+    model = source if isinstance(source, bytes) else str(source)
+    name = label or (Path(source).name if not isinstance(source, bytes) else "the model")
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers.choose(preference))
+        return ort.InferenceSession(model, sess_options=opts, providers=providers.choose(preference))
     except Exception as exc:  # ORT raises several types for corrupt or unsupported graphs
-        raise ModelLoadError(f"ONNX Runtime cannot load {path.name}: {without_paths(_first_line(exc))}") from None
+        raise ModelLoadError(f"ONNX Runtime cannot load {name}: {without_paths(_first_line(exc))}") from None
 
 
-def _auto_threads(path: Path, instances: int) -> int:
-    """Intra-op threads for one instance: the box's cores split among the model's instances, so
-    several instances running at once do not oversubscribe a small box."""
-    if path.stat().st_size < _SMALL_MODEL_BYTES:
+def _auto_threads(size: int, instances: int) -> int:
+    """Intra-op threads for one instance, from the model's size in bytes: the box's cores split
+    among the model's instances, so several instances running at once do not oversubscribe a small box."""
+    if size < _SMALL_MODEL_BYTES:
         return 1
     return max(1, min(4, (os.cpu_count() or 1) // max(1, instances)))
 
@@ -97,7 +105,6 @@ class OnnxModel:
         self.output_names = [o.name for o in config.outputs]
         self.provider = session.get_providers()[0]
         self.provenance, self.provenance_note = read_provenance(session)
-
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
         names = output_names or self.output_names

@@ -23,6 +23,7 @@ from bedside.dataplane.access import Access
 from bedside.monitoring import redact
 from bedside.security.audit import AuditLog
 from bedside.security.callers import CallerRegistry, CallersError
+from bedside.security.keys import KeyProviderError, load_keyring
 from bedside.security.tls import TLSConfigError, grpc_credentials_args, server_context
 from bedside.server.connections import PeerWebSocketProtocol, protocol_for
 from bedside.server.rest import App
@@ -178,9 +179,14 @@ async def _serve(repository: Path, settings: Settings) -> None:
     try:
         access, audit = _access(settings)
     except OSError as exc:
-        raise StartupError(f"the audit log cannot be opened (security.audit_file): {exc.strerror or exc}") from None
-    dataplane = Dataplane(repository, settings.limits, access)
-    streams = Streams(dataplane, settings) if settings.streams.enabled else None
+        where = "security.audit_file" if security.audit_file else "in the state folder, streams.state_dir"
+        raise StartupError(f"the audit log cannot be opened ({where}): {exc.strerror or exc}") from None
+    try:
+        keys = load_keyring(security.key, os.environ)
+    except KeyProviderError as exc:
+        raise StartupError(str(exc)) from None
+    dataplane = Dataplane(repository, settings.limits, access, keys=keys)
+    streams = Streams(dataplane, settings, keys=keys) if settings.streams.enabled else None
     app = App(dataplane, server, streams)
     http = _HTTPServer(
         uvicorn.Config(

@@ -12,6 +12,15 @@ row count is capped, so the file stays bounded.
 A message may be written and then not acknowledged (the server could not store it, or the ingest
 process died before the ACK); the monitor resends it, so reading back keeps one reading per bed,
 vital sign and time.
+
+With a key (security.key), each row's bed, vital sign, value and time are sealed together
+(bedside.security.sealed, purpose "journal") into the value column, bed and vital left empty: the
+file holds no bed or vital sign in clear, only the time column that pruning needs. Reading back
+checks the sealed time against that column, so a row moved in time is refused as altered. A row
+that does not open (no key, a wrong key, altered) is skipped and counted, never fatal to a start.
+A sealed row is ~100 bytes in the value column; sealing costs ~4.4 us a row in the writer thread,
+opening ~2.7 us at restore (2M rows, the default cap: ~5 s more), measured on this 2-core box. The
+writer stats a `file:` key file once a commit: that is how it follows a key rotation.
 """
 
 from __future__ import annotations
@@ -23,8 +32,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
+from bedside.security.keys import KeyProviderError, KeyRing
+from bedside.security.sealed import JOURNAL, SealedError, open_sealed, reseal, seal, sealed_key_id
 from bedside.settings import DEFAULTS
 from bedside.streams.hl7v2 import Observation
 
@@ -41,7 +55,39 @@ SCHEMA = (
 )
 ERROR_LOG_S = 60.0
 COUNTERS = ("journal_commits", "journal_rows", "journal_failures")
+RESEAL_BATCH = 2_000  # rows re-sealed per transaction: the ingest writer waits at most one batch
 log = logging.getLogger("bedside.journal")
+Row = tuple[str, str, object, float]
+
+
+@dataclass
+class Skipped:
+    """Rows read back but left out: sealed rows that do not open, and the first reason why."""
+
+    rows: int = 0
+    reason: str = ""
+
+
+def seal_row(row: Row, keys: KeyRing) -> Row:
+    """The row as stored with a key: bed and vital empty, everything sealed into the value column."""
+    bed, vital, value, when = row
+    return ("", "", seal(orjson.dumps([bed, vital, value, when]), keys, JOURNAL), when)
+
+
+def open_row(row: Row, keys: KeyRing | None) -> Row:
+    """A stored row as written; SealedError when a sealed one does not open."""
+    bed, _, blob, when = row
+    if bed or not isinstance(blob, bytes):
+        return row  # written in clear (no key then): readable as it is
+    if keys is None:
+        raise SealedError("is encrypted and no key is configured (security.key)")
+    try:
+        bed, vital, value, sealed_when = orjson.loads(open_sealed(blob, keys, JOURNAL))
+    except (ValueError, TypeError) as exc:  # SealedError, KeyProviderError, or not the 4 fields
+        raise SealedError(str(exc) if isinstance(exc, SealedError | KeyProviderError) else "is malformed") from None
+    if sealed_when != when:
+        raise SealedError("fails its integrity check (its time was altered)")
+    return (bed, vital, value, when)
 
 
 def open_journal(path: Path, sync: str = "full") -> sqlite3.Connection:
@@ -64,17 +110,78 @@ def open_journal(path: Path, sync: str = "full") -> sqlite3.Connection:
     return db
 
 
-def read_rows(path: Path, since: float) -> Iterator[tuple[str, str, object, float]]:
+def read_rows(
+    path: Path, since: float, keys: KeyRing | None = None, skipped: Skipped | None = None
+) -> Iterator[tuple[str, str, object, float]]:
     """(bed, vital, value, time) of every observation at or after `since`, in time order (so
     each is an append to its bed's window). Run it off the event loop: a full journal is millions
-    of rows."""
+    of rows. Sealed rows are opened with `keys`; those that do not open are counted in `skipped`
+    (and logged once), not raised: one bad row must not keep a ward's windows from coming back."""
+    skipped = Skipped() if skipped is None else skipped
     db = open_journal(path, "normal")
     try:
-        cursor = db.execute("SELECT bed, vital, value, time FROM observations WHERE time >= ? ORDER BY time", (since,))
+        # a sealed row's value is read as bytes whatever became of it: text that is not UTF-8 would
+        # fail the whole read, where one damaged row must only be skipped
+        cursor = db.execute(
+            "SELECT bed, vital, CASE bed WHEN '' THEN CAST(value AS BLOB) ELSE value END, time FROM observations"
+            " WHERE time >= ? ORDER BY time",
+            (since,),
+        )
         while rows := cursor.fetchmany(READ_BATCH):
-            yield from rows
+            for row in rows:
+                if row[0]:
+                    yield row  # the common case without a key: no call per row
+                    continue
+                try:
+                    yield open_row(row, keys)
+                except SealedError as exc:
+                    skipped.rows += 1
+                    skipped.reason = skipped.reason or str(exc)
     except sqlite3.Error as exc:
         raise OSError(f"cannot read the observation journal in the state folder (streams.state_dir): {exc}") from None
+    finally:
+        db.close()
+        if skipped.rows:
+            log.warning("observation journal: %d rows skipped: a row %s", skipped.rows, skipped.reason)
+
+
+def reseal_rows(path: Path, keys: KeyRing) -> tuple[int, int]:
+    """Seal every sealed row again with the current key (key rotation), a batch per transaction so
+    a running ingest writer is never held long. Returns (re-sealed, rows that do not open; kept)."""
+    current = keys.current_id
+    done = failed = 0
+    last = 0
+    db = open_journal(path, "full")
+    try:
+        db.execute("PRAGMA secure_delete=ON")  # no copy under the retired key left in free space
+        while True:
+            rows = db.execute(
+                "SELECT rowid, value FROM observations WHERE bed = '' AND rowid > ? ORDER BY rowid LIMIT ?",
+                (last, RESEAL_BATCH),
+            ).fetchall()
+            if not rows:
+                return done, failed
+            last = rows[-1][0]
+            updates: list[tuple[bytes, int]] = []
+            for rowid, blob in rows:
+                try:
+                    if isinstance(blob, bytes) and sealed_key_id(blob) != current:
+                        updates.append((reseal(blob, keys, JOURNAL), rowid))
+                except (SealedError, KeyProviderError):
+                    failed += 1
+            if updates:
+                # by rowid: the writer only inserts, and a row pruned meanwhile is simply not updated
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany("UPDATE observations SET value = ? WHERE rowid = ?", updates)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+                done += len(updates)
+    except sqlite3.Error as exc:
+        raise OSError(f"cannot re-seal the observation journal: {exc}") from None
     finally:
         db.close()
 
@@ -82,8 +189,16 @@ def read_rows(path: Path, since: float) -> Iterator[tuple[str, str, object, floa
 class JournalWriter:
     """Writes accepted observations from a worker thread, many messages to a transaction."""
 
-    def __init__(self, path: Path, sync: str = "full", max_age_s: float = 3600.0, max_rows: int = MAX_ROWS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        sync: str = "full",
+        max_age_s: float = 3600.0,
+        max_rows: int = MAX_ROWS,
+        keys: KeyRing | None = None,
+    ) -> None:
         self.path, self.sync, self.max_age_s, self.max_rows = path, sync, max_age_s, max_rows
+        self.keys = keys  # None: rows stored in clear
         self.commits = self.rows = self.failures = 0
         self._pending: list[tuple[list[tuple[str, str, object, float]], asyncio.Future[None]]] = []
         self._wake = threading.Condition()
@@ -98,6 +213,8 @@ class JournalWriter:
         """Open the journal (OSError when it cannot be) and start the writer thread."""
         self._loop = asyncio.get_running_loop()
         self._db = open_journal(self.path, self.sync)
+        if self.keys is not None:  # pruned rows zeroed, not left in free pages (clear ones from before a key)
+            self._db.execute("PRAGMA secure_delete=ON")
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
         self._thread.start()
 
@@ -137,10 +254,14 @@ class JournalWriter:
                 return
             error: OSError | None = None
             try:
+                keys = self.keys
+                if keys is not None:
+                    keys.refresh()  # a rotated key file: seal with the new current key from this commit on
                 db.execute("BEGIN")
                 try:
                     for rows, _ in batch:
-                        db.executemany("INSERT INTO observations VALUES (?, ?, ?, ?)", rows)
+                        stored = rows if keys is None else [seal_row(row, keys) for row in rows]
+                        db.executemany("INSERT INTO observations VALUES (?, ?, ?, ?)", stored)
                     db.execute("COMMIT")
                 except BaseException:
                     if db.in_transaction:  # a failed COMMIT may have rolled back already

@@ -17,12 +17,13 @@ from bedside.alerts.hl7out import HL7AlertSender
 from bedside.dataplane import Dataplane
 from bedside.errors import InvalidInput
 from bedside.monitoring.latency import LatencyWindow
+from bedside.security.keys import KeyRing
 from bedside.settings import DEFAULTS, Settings, split_host_port, state_dir
 from bedside.streams.beds import Beds, states_from
 from bedside.streams.ecg import ECGSession, ECGStats
 from bedside.streams.identity import box_key
 from bedside.streams.ingest import IngestProcess
-from bedside.streams.journal import JOURNAL_FILE, read_rows
+from bedside.streams.journal import JOURNAL_FILE, Skipped, read_rows
 from bedside.streams.scorer import VitalsScorer
 
 BED_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -34,8 +35,9 @@ def _p99(window: LatencyWindow) -> float | None:
 
 
 class Streams:
-    def __init__(self, dataplane: Dataplane, settings: Settings = DEFAULTS) -> None:
+    def __init__(self, dataplane: Dataplane, settings: Settings = DEFAULTS, keys: KeyRing | None = None) -> None:
         self.dataplane = dataplane
+        self.keys = keys  # opens the journal's sealed rows (security.key)
         self.settings = settings
         self.beds = Beds(settings.streams.max_beds)
         self.bus = AlertBus(settings.alerts.subscriber_queue, settings.alerts.history)
@@ -65,7 +67,9 @@ class Streams:
             if streams.journal:
                 await self._restore(folder)
             host = streams.mllp_host or self.settings.server.host
-            self.mllp = IngestProcess(self.beds.add, host, settings=streams, state=folder)
+            self.mllp = IngestProcess(
+                self.beds.add, host, settings=streams, state=folder, security=self.settings.security
+            )
             await self.mllp.start()
         if self.hl7_out is not None:
             self.hl7_out.start()
@@ -76,10 +80,15 @@ class Streams:
         worker thread (a full journal is millions of rows); only the hand-over runs on the loop."""
         since = time.time() - self.settings.streams.max_observation_age_s
         started = time.monotonic()
-        rows = read_rows(folder / JOURNAL_FILE, since)
+        skipped = Skipped()
+        rows = read_rows(folder / JOURNAL_FILE, since, self.keys, skipped)
         states = await asyncio.get_running_loop().run_in_executor(None, states_from, rows)
         self.beds.restore(states)
-        self.restored = {"beds": len(states), "seconds": round(time.monotonic() - started, 3)}
+        self.restored = {
+            "beds": len(states),
+            "seconds": round(time.monotonic() - started, 3),
+            "skipped": skipped.rows,  # rows that did not open (damaged, or sealed with a key no longer held)
+        }
 
     async def close(self) -> None:
         for task in self._tasks:
