@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from bedside.cli import pipeline, serving, tools
+from bedside.cli import audit, keys, pipeline, serving, tools
 from bedside.cli.common import console
 
 app = typer.Typer(
@@ -29,6 +29,9 @@ app.command()(pipeline.optimize)
 app.command()(pipeline.bench)
 app.command()(tools.replay)
 app.command()(tools.samples)
+app.command()(keys.encrypt)
+app.add_typer(keys.keys_app, name="keys")
+app.add_typer(audit.app, name="audit")
 
 
 def main() -> None:
