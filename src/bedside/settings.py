@@ -322,10 +322,12 @@ def state_dir(configured: str, environ: Mapping[str, str]) -> Path:
 
 def callers_path(settings: Settings, environ: Mapping[str, str]) -> Path:
     """The callers file: security.callers_file, else STATE_DIR/callers.json."""
-    configured = settings.security.callers_file
-    return (
-        Path(configured).expanduser() if configured else state_dir(settings.streams.state_dir, environ) / "callers.json"
-    )
+    return callers_file(settings.security, state_dir(settings.streams.state_dir, environ))
+
+
+def callers_file(security: SecuritySettings, state: Path) -> Path:
+    """The callers file, given the state folder already found (the ingest child is handed it)."""
+    return Path(security.callers_file).expanduser() if security.callers_file else state / "callers.json"
 
 
 def audit_path(settings: Settings, environ: Mapping[str, str]) -> Path:

@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from bedside.cli import audit, keys, pipeline, serving, tools
+from bedside.cli import audit, certs, keys, pipeline, serving, tokens, tools
 from bedside.cli.common import console
 
 app = typer.Typer(
@@ -32,6 +32,8 @@ app.command()(tools.samples)
 app.command()(keys.encrypt)
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(audit.app, name="audit")
+app.add_typer(certs.app, name="certs")
+app.add_typer(tokens.app, name="tokens")
 
 
 def main() -> None:

@@ -27,7 +27,8 @@ from bedside.security.keys import KeyProviderError, load_keyring
 from bedside.security.tls import TLSConfigError, grpc_credentials_args, server_context
 from bedside.server.connections import PeerWebSocketProtocol, protocol_for
 from bedside.server.rest import App
-from bedside.settings import SecuritySettings, Settings, audit_path, callers_path
+from bedside.settings import SecuritySettings, Settings, audit_path, callers_path, state_dir
+from bedside.streams.mllp_auth import listener_security
 from bedside.streams.service import Streams
 
 log = logging.getLogger("bedside.server")
@@ -104,6 +105,8 @@ def check_security(settings: Settings) -> None:
                     "authentication is on but no caller is registered, so every request would be refused; "
                     "add one with `bedside tokens add NAME --tenant T --role R` (or `bedside certs client`)"
                 )
+        if streams.enabled and streams.mllp_port >= 0:
+            listener_security(security, state_dir(streams.state_dir, os.environ))  # monitors must be identifiable
     except (TLSConfigError, CallersError) as exc:
         raise StartupError(str(exc)) from None
     mllp_host = streams.mllp_host or server.host

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -36,20 +37,21 @@ from typing import Any
 import orjson
 
 from bedside.monitoring import redact
-from bedside.settings import DEFAULTS, StreamsSettings
+from bedside.security.keys import load_keyring
+from bedside.settings import DEFAULTS, SecuritySettings, StreamsSettings
 from bedside.streams import hl7v2
 from bedside.streams.hl7v2 import HL7Error, Observation, VitalsMessage
 from bedside.streams.identity import box_key
+from bedside.streams.ingest_link import ParentLink
 from bedside.streams.journal import COUNTERS as JOURNAL_COUNTERS
 from bedside.streams.journal import JOURNAL_FILE, JournalWriter
 from bedside.streams.mllp import COUNTERS, MLLPServer
+from bedside.streams.mllp_auth import listener_security
 
 log = logging.getLogger("bedside.ingest")
 STORED, FAILED = 0, 1
 START_TIMEOUT_S = 30.0
 RESTART_BACKOFF_S = (0.5, 30.0)
-SLICE = 16  # messages stored per turn of the serving loop
-SLICE_OBSERVATIONS = 4096  # ... and observations: one huge message is stored whole, the next waits a turn
 KEEP_PER_VITAL = 720  # beds.MAX_POINTS, not imported: beds needs numpy, and the child stays lean
 CHILD_COUNTERS = tuple(name for name in (*COUNTERS, *JOURNAL_COUNTERS) if name != "accepted")
 CUMULATIVE = [name for name in CHILD_COUNTERS if name != "open_connections"]
@@ -86,15 +88,16 @@ class IngestProcess:
         port: int | None = None,
         settings: StreamsSettings = DEFAULTS.streams,
         state: Path | None = None,
+        security: SecuritySettings = DEFAULTS.security,
     ) -> None:
         self.on_message = on_message
         self.host, self.port = host, settings.mllp_port if port is None else port
-        self.settings, self.state = settings, state
+        self.settings, self.state, self.security = settings, state, security
         self.accepted = self.restarts = 0
         self.counters = dict.fromkeys(CHILD_COUNTERS, 0)  # the running child's, accepted excepted
         self._earlier = dict.fromkeys(CUMULATIVE, 0)  # what children before it counted
         self._process: subprocess.Popen[bytes] | None = None
-        self._link: _ParentLink | None = None
+        self._link: ParentLink | None = None
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
 
@@ -130,6 +133,7 @@ class IngestProcess:
                 "port": self.port,
                 "state": None if self.state is None else str(self.state),
                 "streams": dataclasses.asdict(self.settings),
+                "security": dataclasses.asdict(self.security),  # TLS and device identity for MLLP
             }
         ).decode()
 
@@ -143,7 +147,7 @@ class IngestProcess:
             )
         finally:
             theirs.close()
-        link = _ParentLink(self)
+        link = ParentLink(self)
         await loop.create_connection(lambda: link, sock=ours)
         self._link = link
         try:
@@ -199,67 +203,6 @@ def _reap(process: subprocess.Popen[bytes] | None) -> int | None:
     except subprocess.TimeoutExpired:
         process.kill()
         return process.wait()
-
-
-class _ParentLink(asyncio.Protocol):
-    def __init__(self, owner: IngestProcess) -> None:
-        loop = asyncio.get_running_loop()
-        self.owner = owner
-        self.listening: asyncio.Future[int] = loop.create_future()
-        self.lost: asyncio.Future[None] = loop.create_future()
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.scheduled = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if not self.scheduled:
-            self._take()
-
-    def _take(self) -> None:
-        """Store at most SLICE messages (SLICE_OBSERVATIONS observations), then let the loop run: a
-        ward's burst is spread over several loop turns instead of holding the ECG results back."""
-        self.scheduled = False
-        buffer = self.buffer
-        answers = bytearray()
-        messages, observations = 0, 0
-        while messages < SLICE and observations < SLICE_OBSERVATIONS:
-            if len(buffer) < 4:
-                break
-            size = int.from_bytes(buffer[:4], "little")
-            if len(buffer) < 4 + size:
-                break
-            doc = orjson.loads(bytes(buffer[4 : 4 + size]))
-            del buffer[: 4 + size]
-            if "s" in doc:
-                answers += doc["s"].to_bytes(8, "little") + bytes((self.owner._store(doc),))
-                messages += 1
-                observations += len(doc["o"])
-            elif "n" in doc:
-                counters = self.owner.counters
-                counters.update((k, int(v)) for k, v in doc["n"].items() if k in counters)
-            elif "port" in doc and not self.listening.done():
-                self.listening.set_result(doc["port"])
-            elif "error" in doc and not self.listening.done():
-                self.listening.set_exception(OSError(doc["error"]))
-        else:
-            self.scheduled = True
-            asyncio.get_running_loop().call_soon(self._take)
-        if answers and self.transport is not None:
-            self.transport.write(bytes(answers))  # one write for the messages of this turn
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.listening.done():
-            self.listening.set_exception(OSError("the HL7 ingest process exited before it was listening"))
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 # --- the child process ---------------------------------------------------------------------
@@ -341,8 +284,10 @@ def _prepare(config: dict[str, Any]) -> tuple[StreamsSettings, hl7v2.HL7Policy, 
     policy = hl7v2.policy_from_settings(settings, b"" if state is None else box_key(state))
     journal = None
     if state is not None and settings.journal:
+        # security.key is where the key comes from (a spec, never the key): the child reads it itself
+        keys = load_keyring(config.get("security", {}).get("key", ""), os.environ)  # KeyProviderError: ValueError
         journal = JournalWriter(
-            state / JOURNAL_FILE, settings.journal_sync, settings.max_observation_age_s, settings.journal_max_rows
+            state / JOURNAL_FILE, settings.journal_sync, settings.max_observation_age_s, settings.journal_max_rows, keys
         )
         journal.start()
     return settings, policy, journal
@@ -352,13 +297,15 @@ async def _child(fd: int, config: dict[str, Any]) -> int:
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
     host, port = config["host"], config["port"]
     try:
+        state = None if config["state"] is None else Path(config["state"])  # TLS first: no journal to undo
+        guard = listener_security(dataclasses.replace(DEFAULTS.security, **config["security"]), state)
         settings, policy, journal = _prepare(config)
     except (OSError, ValueError) as exc:
         writer.write(_frame({"error": str(exc)}))
         await writer.drain()
         return 1
     link = _ChildLink(reader, writer, settings.ack_timeout_s, journal)
-    server = link.server = MLLPServer.from_settings(link.store, host, port, settings, link.counters, policy)
+    server = link.server = MLLPServer.from_settings(link.store, host, port, settings, link.counters, policy, guard)
     try:
         try:
             await server.start()

@@ -10,6 +10,10 @@ further one is closed at once), one silent for `idle_timeout_s` is closed, a fra
 `max_frame` is answered AR and its connection closed, and all unfinished frames together hold at
 most `max_buffered` bytes; beyond that the connection with the largest unfinished frame is answered
 AR and closed. A closed connection's buffer is released at once.
+
+Over TLS with security.auth on (streams.mllp_auth), a connection whose client certificate names
+no device caller gets one AR naming the reason and is closed; a message for a bed outside the
+device's patterns gets an AR and is not stored. Both are counted (refused_connections, rejected).
 """
 
 from __future__ import annotations
@@ -19,9 +23,14 @@ import ctypes
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from bedside.settings import DEFAULTS, StreamsSettings
 from bedside.streams.hl7v2 import DEFAULT_POLICY, HL7Error, HL7Policy, VitalsMessage, accepted_ack, ack, nak, parse_oru
+from bedside.streams.mllp_auth import BED_NOT_ALLOWED, OPEN, ListenerSecurity
+
+if TYPE_CHECKING:
+    from bedside.security.callers import Peer
 
 START, END = b"\x0b", b"\x1c\x0d"
 READ_SIZE = 65536
@@ -29,6 +38,7 @@ COUNTERS = ("accepted", "rejected", "connections", "open_connections", "refused_
 _DEFAULT = DEFAULTS.streams
 TRIM_AFTER = 4 << 20  # bytes of frames released before the C heap is trimmed (at most every TRIM_EVERY_S)
 TRIM_EVERY_S = 0.5
+HANDSHAKE_TIMEOUT_S = 10.0  # a TLS handshake not done by then is dropped: half-open handshakes are bounded too
 log = logging.getLogger("bedside.mllp")
 
 
@@ -112,11 +122,12 @@ class Framer:
 
 
 class _Connection:
-    __slots__ = ("framer", "idle", "shed", "since", "timer", "waiting", "writer")
+    __slots__ = ("framer", "idle", "peer", "revoked", "shed", "since", "timer", "waiting", "writer")
 
-    def __init__(self, framer: Framer, writer: asyncio.StreamWriter) -> None:
-        self.framer, self.writer = framer, writer
+    def __init__(self, framer: Framer, writer: asyncio.StreamWriter, peer: Peer | None = None) -> None:
+        self.framer, self.writer, self.peer = framer, writer, peer
         self.waiting = self.idle = self.shed = False  # waiting: on the peer (to send, or to read our answers)
+        self.revoked = False  # its device was removed from the callers file while it was connected
         self.since = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
@@ -137,12 +148,13 @@ class MLLPServer:
         idle_timeout_s: float = _DEFAULT.mllp_idle_timeout_s,
         max_buffered: int = _DEFAULT.mllp_max_buffered_mb << 20,
         policy: HL7Policy = DEFAULT_POLICY,
+        guard: ListenerSecurity = OPEN,
     ) -> None:
         self.on_message = on_message
         self.on_change = on_change
         self.host, self.port, self.max_frame = host, port, max_frame
         self.max_connections, self.idle_timeout_s, self.max_buffered = max_connections, idle_timeout_s, max_buffered
-        self.policy = policy
+        self.policy, self.guard = policy, guard
         self.accepted = self.rejected = self.connections = self.open_connections = 0
         self.refused_connections = self.idle_closed = self.shed = 0
         self.buffered = 0  # bytes in all unfinished frames
@@ -160,6 +172,7 @@ class MLLPServer:
         settings: StreamsSettings,
         on_change: Callable[[], None] | None = None,
         policy: HL7Policy = DEFAULT_POLICY,
+        guard: ListenerSecurity = OPEN,
     ) -> MLLPServer:
         return cls(
             on_message,
@@ -171,6 +184,7 @@ class MLLPServer:
             idle_timeout_s=settings.mllp_idle_timeout_s,
             max_buffered=settings.mllp_max_buffered_mb << 20,
             policy=policy,
+            guard=guard,
         )
 
     def counters(self) -> dict[str, int]:
@@ -178,7 +192,15 @@ class MLLPServer:
 
     async def start(self) -> None:
         # the stream's own buffer stays small: frames are gathered (and bounded) by the Framer
-        self._server = await asyncio.start_server(self._connection, self.host, self.port, limit=READ_SIZE)
+        tls = self.guard.ssl
+        self._server = await asyncio.start_server(
+            self._connection,
+            self.host,
+            self.port,
+            limit=READ_SIZE,
+            ssl=tls,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None,
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -192,10 +214,18 @@ class MLLPServer:
             self._changed()
             writer.close()  # nothing read, nothing held
             return
+        peer = self.guard.peer(writer.get_extra_info("ssl_object"))
+        _, refusal = self.guard.device(peer)
+        if refusal:
+            self.refused_connections += 1
+            self._changed()
+            writer.write(frame(ack("", "AR", refusal)))  # the reason, so the device's log says why
+            writer.close()
+            return
         self.connections += 1
         self.open_connections += 1
         self._changed()
-        conn = _Connection(Framer(self.max_frame), writer)
+        conn = _Connection(Framer(self.max_frame), writer, peer)
         self._open.add(conn)
         loop = asyncio.get_running_loop()
         conn.timer = loop.call_later(self.idle_timeout_s, self._check_idle, conn)
@@ -212,8 +242,10 @@ class MLLPServer:
                 if self.buffered > self.max_buffered:
                     self._shed()
                 for payload in payloads:
-                    writer.write(frame(await self._answer(payload)))
+                    writer.write(frame(await self._answer(payload, conn)))
                     self._release(len(payload))
+                    if conn.revoked:
+                        return  # its NAK says why; nothing after it is read
                 if conn.framer.too_large:
                     self._refuse(conn, f"frame exceeds {self.max_frame} bytes")
                     return
@@ -291,10 +323,22 @@ class MLLPServer:
         if self.on_change is not None:
             self.on_change()
 
-    async def _answer(self, payload: bytes) -> str:
+    def _check_device(self, conn: _Connection, message: VitalsMessage) -> None:
+        """HL7Error (AR) unless the connection's device may feed the message's bed."""
+        if self.guard.identify is None:
+            return
+        caller, refusal = self.guard.device(conn.peer)
+        if caller is None:
+            conn.revoked = True
+            raise HL7Error(refusal, "AR", message.control_id)
+        if not caller.may_feed(message.bed):
+            raise HL7Error(BED_NOT_ALLOWED, "AR", message.control_id)
+
+    async def _answer(self, payload: bytes, conn: _Connection) -> str:
         text = payload.decode("utf-8", errors="replace")
         try:
             message = parse_oru(text, policy=self.policy)
+            self._check_device(conn, message)
             stored = self.on_message(message)
             if inspect.isawaitable(stored):
                 await stored
