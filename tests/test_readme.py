@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -115,9 +116,13 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _ready(port: int) -> bool:
+def _ready(port: int, tls: bool = False) -> bool:
+    # a TLS server's readiness probe: its certificate is the README's own test CA, not checked here
+    context = ssl._create_unverified_context() if tls else None
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as answer:
+        with urllib.request.urlopen(
+            f"{'https' if tls else 'http'}://127.0.0.1:{port}/v2/health/ready", timeout=2, context=context
+        ) as answer:
             return answer.status == 200
     except OSError:
         return False
@@ -170,10 +175,10 @@ def _check_output(command: Command, log: Path) -> None:
         assert mark not in output, f"README line {command.line}: `{command.text[:80]}` printed:\n{output[-4000:]}"
 
 
-def _wait_for(process: subprocess.Popen[bytes], ready: int, bound: float) -> bool:
+def _wait_for(process: subprocess.Popen[bytes], ready: int, bound: float, tls: bool = False) -> bool:
     deadline = time.monotonic() + bound
     while time.monotonic() < deadline and process.poll() is None:
-        if _ready(ready):
+        if _ready(ready, tls):
             return True
         time.sleep(0.2)  # polling a server's readiness, not waiting for a result
     return False
@@ -225,7 +230,7 @@ def _run(shell: Shell, command: Command) -> None:
     process, log = shell.start(command)
     if re.search(r"(^|\s)make run\b|bedside serve\b", text):
         port = _http_port(text)
-        came_up = _wait_for(process, port, SECOND_SERVER_S)
+        came_up = _wait_for(process, port, SECOND_SERVER_S, "--tls-cert" in text)
         code = Shell.interrupt(process)
         assert came_up, f"{where} did not become ready on port {port} (exit {code}):\n{log.read_text()[-4000:]}"
         assert code in INTERRUPTED, f"{where} exited {code} on Ctrl-C:\n{log.read_text()[-4000:]}"
