@@ -43,7 +43,8 @@ class Recorder:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tenants")
-    write_config(root / "a_model", SCALE_CONFIG + '[access]\nowner = "a"\n')
+    tenants = 'tenants = { "a" = { share = 2.0 }, "secret-tenant" = { share = 1.0 } }\n'
+    write_config(root / "a_model", tenants + SCALE_CONFIG + '[access]\nowner = "a"\n')
     write_config(root / "b_model", SCALE_CONFIG + '[access]\nowner = "b"\nshared_with = ["a"]\n')
     write_config(root / "everyone", SCALE_CONFIG + '[access]\nowner = "b"\nshared_with = ["*"]\n')
     write_config(root / "unowned", SCALE_CONFIG)  # no [access]: the default tenant's
@@ -242,3 +243,10 @@ def _error(call) -> BedsideError:
     except BedsideError as exc:
         return exc
     raise AssertionError("no error raised")
+
+
+def test_a_config_names_no_other_tenant(plane):
+    dataplane, _, _ = plane
+    shown = dataplane.model_config("a_model", None, _as(plane, "a-infer")).to_dict()
+    assert set(shown["tenants"]) == {"*", "a"}
+    assert "secret-tenant" in dataplane.model_config("a_model", None, SYSTEM).to_dict()["tenants"]

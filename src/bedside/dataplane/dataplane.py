@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from time import perf_counter_ns
 from typing import NoReturn
@@ -216,7 +217,12 @@ class Dataplane:
         )
 
     def model_config(self, name: str, version: str | None, caller: Caller, transport: str = "") -> ModelConfig:
-        return self._ready_entry(name, parse_version(version), caller, transport)[1]
+        config = self._ready_entry(name, parse_version(version), caller, transport)[1]
+        if not restricted(caller) or not config.scheduling.tenants:
+            return config
+        # the per-tenant scheduling table names tenants: a caller sees only its own row
+        mine = {t: p for t, p in config.scheduling.tenants.items() if t == caller.tenant}
+        return replace(config, scheduling=replace(config.scheduling, tenants=mine))
 
     def model_ready(self, name: str, version: str | None, caller: Caller, transport: str = "") -> bool:
         self.access.require(caller, *DESCRIBE, transport=transport)
