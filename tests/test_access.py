@@ -48,6 +48,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_config(root / "b_model", SCALE_CONFIG + '[access]\nowner = "b"\nshared_with = ["a"]\n')
     write_config(root / "everyone", SCALE_CONFIG + '[access]\nowner = "b"\nshared_with = ["*"]\n')
     write_config(root / "unowned", SCALE_CONFIG)  # no [access]: the default tenant's
+    write_config(root / "unreadable", "this is [not toml")  # its [access] cannot be known
+    scale_model(root / "unreadable" / "1" / "model.onnx")
     for name in ("a_model", "b_model", "everyone", "unowned"):
         scale_model(root / name / "1" / "model.onnx")
     return root
@@ -250,3 +252,21 @@ def test_a_config_names_no_other_tenant(plane):
     shown = dataplane.model_config("a_model", None, _as(plane, "a-infer")).to_dict()
     assert set(shown["tenants"]) == {"*", "a"}
     assert "secret-tenant" in dataplane.model_config("a_model", None, SYSTEM).to_dict()["tenants"]
+
+
+def test_a_tenant_uses_a_model_shared_with_it_but_only_the_owner_loads_and_unloads_it(plane):
+    dataplane, tokens, _ = plane
+    with pytest.raises(Forbidden, match="only the tenant that owns"):
+        asyncio.run(dataplane.unload("b_model", _as(plane, "a-admin")))
+    with pytest.raises(Forbidden, match="only the tenant that owns"):
+        asyncio.run(dataplane.load("everyone", _as(plane, "a-admin")))
+    assert _infer(dataplane, _as(plane, "a-infer"), "b_model").model_name == "b_model"  # still served
+
+
+def test_a_model_whose_config_cannot_be_read_belongs_to_no_tenant(plane):
+    dataplane, _, _ = plane
+    for name in ("a-admin", "b-all"):
+        caller = _as(plane, name)
+        assert "unreadable" not in {r.name for r in dataplane.repository_index(caller)}
+        assert type(_error(lambda c=caller: dataplane.model_metadata("unreadable", None, c))) is NotFound
+    assert "unreadable" in {r.name for r in dataplane.repository_index(SYSTEM)}

@@ -86,6 +86,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         ("a-admin", "a", ["admin"], []),
         ("b-infer", "b", ["infer"], []),
         ("cart", "a", ["device"], ["ICU-*"]),
+        ("cart-to-revoke", "a", ["device"], ["ICU-*"]),
     ]:
         registry.upsert(name, tenant, roles, beds)
         tokens[name] = registry.issue_token(name)[1]
@@ -268,18 +269,52 @@ def test_only_an_allowed_device_feeds_a_bed_and_only_monitors_read_alerts(deploy
         conn.close()
 
 
+def test_two_authorization_headers_are_refused_not_guessed(deployment):
+    conn = http.client.HTTPSConnection("127.0.0.1", deployment.port, context=deployment.context(), timeout=10)
+    conn.putrequest("GET", "/v2/models/a_model")
+    conn.putheader("Authorization", f"Bearer {deployment.tokens['a-infer']}")
+    conn.putheader("Authorization", f"Bearer {deployment.tokens['b-infer']}")
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 400 and b"one Authorization header" in response.read()
+
+
+def test_a_revoked_device_is_cut_off_mid_stream(deployment):
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    chunk = np.zeros((50, 12), np.float32).tobytes()
+    headers = {"Authorization": f"Bearer {deployment.tokens['cart-to-revoke']}"}
+    url = f"wss://127.0.0.1:{deployment.port}/v2/streams/ecg/ICU-9"
+    with connect(url, ssl=deployment.context(), additional_headers=headers, open_timeout=10) as ws:
+        ws.send(chunk)
+        registry = CallerRegistry(deployment.folder / "callers.json")
+        registry.revoke("cart-to-revoke")
+        registry.save()
+        deadline = time.monotonic() + 10
+        with pytest.raises(ConnectionClosed) as closed:
+            while time.monotonic() < deadline:  # the server re-reads the callers file within a second
+                ws.send(chunk)
+                time.sleep(0.05)  # pacing the chunks as a cart would, not waiting for a result
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
 def test_the_audit_log_holds_every_call_and_no_data(deployment):
     from bedside.security.auditcheck import last_entries, verify
 
     path = deployment.folder / "state" / "audit.sqlite"
     deployment.call("POST", "/v2/models/a_model/infer", token="a-infer", body={**X, "id": "audit-me"})
     deployment.call("GET", "/v2/models/a_model", client="stranger")
+    deployment.call("POST", "/v2/models/not_there/infer", token="a-infer", body=X)
+    deployment.call("POST", "/v2/models/a_model/infer", token="a-infer", body={"inputs": "nonsense"})
     deadline = time.monotonic() + 10
     while True:  # the writer stores batches every 200 ms: poll for the entry, do not sleep a fixed time
         entries = last_entries(path, 500) if path.exists() else []
-        if any(e["request_id"] == "audit-me" for e in entries) or time.monotonic() > deadline:
+        if any(e["model"] == "not_there" for e in entries) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
+    refused = {(e["model"], e["outcome"]) for e in entries if e["kind"] == "infer" and e["caller"] == "a-infer"}
+    assert {("not_there", "404"), ("a_model", "400")} <= refused  # refused before the model ran: recorded too
     ours = next(e for e in entries if e["request_id"] == "audit-me")
     assert (ours["kind"], ours["caller"], ours["tenant"], ours["model"], ours["outcome"]) == (
         "infer", "a-infer", "a", "a_model", "ok",

@@ -25,6 +25,7 @@ from bedside.security.callers import CallerRegistry, Peer
 INFER, MONITOR, ADMIN, DEVICE = "infer", "monitor", "admin", "device"
 DESCRIBE = (INFER, MONITOR, ADMIN)  # model metadata, config and readiness: any role but a bare device
 _OPEN_ACCESS = AccessSpec()
+NO_TENANT = AccessSpec(owner="")  # a model whose [access] cannot be read: no tenant is its owner
 
 
 class AuditSink(Protocol):
@@ -105,6 +106,13 @@ class Access:
         if restricted(caller) and not (access or _OPEN_ACCESS).admits(caller.tenant):
             self.denied(caller, transport, "model", name, "404", "model of another tenant")
             raise model_not_found(name)
+
+    def require_owner(self, caller: Caller, name: str, access: AccessSpec | None, transport: str, action: str) -> None:
+        """403 unless the caller's tenant owns the model: a tenant a model is shared with uses it,
+        but loading and unloading it are its owner's to decide."""
+        if not self.owns(caller, access):
+            self.denied(caller, transport, action, name, "403", "not the owner tenant")
+            raise Forbidden(f"only the tenant that owns model {name[:64]!r} may {action} it")
 
     def sees(self, caller: Caller, access: AccessSpec | None) -> bool:
         return not restricted(caller) or (access or _OPEN_ACCESS).admits(caller.tenant)

@@ -17,7 +17,7 @@ from time import perf_counter_ns
 from typing import NoReturn
 
 from bedside import __version__
-from bedside.dataplane.access import ADMIN, DESCRIBE, INFER, MONITOR, Access, restricted
+from bedside.dataplane.access import ADMIN, DESCRIBE, INFER, MONITOR, NO_TENANT, Access, restricted
 from bedside.dataplane.stats import version_statistics
 from bedside.dataplane.types import (
     CallContext,
@@ -149,7 +149,19 @@ class Dataplane:
         """Raise what `infer` would for a model version that is not served (or not the caller's),
         before a transport spends time reading and decoding the body (a wrong URL answers 404
         whatever it carries). Returns the most input elements a request to it can carry (None: not bounded)."""
-        return self._serving(model, parse_version(version), caller, transport).signature.max_elements
+        try:
+            return self._serving(model, parse_version(version), caller, transport).signature.max_elements
+        except BedsideError as exc:
+            self.refused(model, version, caller, transport, exc)
+            raise
+
+    def refused(self, model: str, version: str | None, caller: Caller, transport: str, error: BedsideError) -> None:
+        """Put an inference refused before it reached `infer` (unknown model, undecodable body, a
+        tenant header that is not the caller's) on the audit record, as `infer` does its own."""
+        if self._audit is not None:
+            self._audit.record(
+                "infer", caller.name, caller.tenant, transport, model, version or "", "", str(error.status)
+            )
 
     def _serving(self, model: str, version: int | None, caller: Caller, transport: str) -> ModelQueue:
         """The queue serving this model version, or the 403 / 404 / 503 that says why none does."""
@@ -167,14 +179,16 @@ class Dataplane:
         self.access.check_model(caller, name, self._access_of(name), transport)
 
     def _access_of(self, name: str) -> AccessSpec | None:
-        """The model's [access] from its loaded config, else from its folder (None: unreadable, the default)."""
+        """The model's [access] from its loaded config, else from its folder (None: no config.toml,
+        the default tenant's). A config that cannot be read gives no tenant access: its [access]
+        is unknown, so only the server itself and an unauthenticated operator see the model."""
         entry = self._manager.entry(name)  # NotFound for a model that does not exist
         if entry.config is not None:
             return entry.config.access
         try:
             config = self._manager.store.config(name)
         except BedsideError:
-            return None
+            return NO_TENANT
         return None if config is None else config.access
 
     def _explain_missing(self, name: str, version: int | None) -> NoReturn:
@@ -289,6 +303,7 @@ class Dataplane:
         error: Exception | None = None
         try:
             self._check_model(caller, name, transport)
+            self.access.require_owner(caller, name, self._access_of(name), transport, action)
             await asyncio.get_running_loop().run_in_executor(None, run, name)
         except Exception as exc:
             error = exc

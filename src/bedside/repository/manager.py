@@ -81,9 +81,10 @@ class RepositoryManager:
     def entry(self, name: str) -> ModelEntry:
         found = self._entries.get(name)
         if found is None:
-            if name in self.store.names():
-                return ModelEntry(name)
-            raise model_not_found(name)
+            if name.startswith("."):
+                raise model_not_found(name)  # as names(): hidden folders are no models
+            self.store.folder(name)  # one stat, not a listing: a missing model costs what a hidden one does
+            return ModelEntry(name)
         return found
 
     def entries(self) -> list[ModelEntry]:

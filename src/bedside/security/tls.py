@@ -41,8 +41,8 @@ class TLSFiles:
 
 class GrpcTLS(NamedTuple):
     """What grpc.ssl_server_credentials takes: [(private_key, certificate_chain)], root_certificates
-    and require_client_auth (False with root certificates: a client certificate is asked for and
-    verified when one is sent, as security.client_cert=optional)."""
+    and require_client_auth. grpcio either requires a client certificate or does not ask for one:
+    with security.client_cert=optional it asks for none, so gRPC callers then use tokens."""
 
     private_key: bytes
     certificate_chain: bytes

@@ -233,6 +233,13 @@ class PeerWebSocketProtocol(WebSocketsSansIOProtocol):
         self.scope[PEER_KEY] = None if ssl_object is None else peer_of(ssl_object)  # type: ignore[literal-required]
         await super().run_asgi()
 
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            # an HTTP answer to the upgrade (401/403) ends the handshake: uvicorn would otherwise log
+            # an error for every refused client, a log any anonymous caller could flood
+            self.handshake_complete = True
+
 
 def protocol_for(server: ServerSettings) -> type[GuardedHTTPProtocol]:
     """The protocol class uvicorn instantiates per connection, bound to these settings."""

@@ -52,6 +52,11 @@ async def serve_ecg(
         message = await receive()
         if message["type"] == "websocket.disconnect":
             return
+        try:
+            may_feed(bed)  # again for every chunk: a revoked device stops within a second (~1 µs a check)
+        except BedsideError as exc:
+            await _close(send, POLICY_VIOLATION, exc.message)
+            return
         data = message.get("bytes")
         if data is None:
             await _send_json(send, {"type": "error", "error": "send binary float32 chunks [n, 12]"})
@@ -68,8 +73,9 @@ async def serve_ecg(
             await _send_json(send, result.to_dict())
 
 
-async def serve_sse(streams: Streams, receive: Any, send: Any) -> None:
-    """Server-Sent Events: every score and alert as it happens, until the client goes away."""
+async def serve_sse(streams: Streams, receive: Any, send: Any, allowed: Callable[[], None]) -> None:
+    """Server-Sent Events: every score and alert as it happens, until the client goes away or
+    `allowed()` (checked before each event and keep-alive) raises: its caller was revoked."""
     queue = streams.subscribe()
     keepalive = streams.settings.alerts.keepalive_s
     await send(
@@ -95,6 +101,11 @@ async def serve_sse(streams: Streams, receive: Any, send: Any) -> None:
             getter = asyncio.ensure_future(queue.get())
             done, _ = await asyncio.wait({getter, disconnected}, timeout=keepalive, return_when=asyncio.FIRST_COMPLETED)
             if disconnected in done:
+                getter.cancel()
+                return
+            try:
+                allowed()
+            except BedsideError:
                 getter.cancel()
                 return
             if getter in done:

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from bedside.dataplane import Dataplane, call_context
+from bedside.dataplane import CallContext, Dataplane, call_context
 from bedside.dataplane.access import MONITOR
 from bedside.errors import BedsideError, InvalidInput, MethodNotAllowed, NotFound, TooLarge, Unavailable
 from bedside.monitoring.redact import describe_exception
@@ -73,12 +73,17 @@ class App:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http" and scope["path"] == "/v2/alerts/stream" and self.streams is not None:
-            try:
+
+            def allowed() -> None:  # checked again on every event: a revoked caller's stream ends
                 self.dataplane.require(self._caller(scope, "sse"), MONITOR, "sse")
+
+            try:
+                _require(scope["method"], "GET", scope)
+                allowed()
             except BedsideError as exc:
                 await _send(send, error_response(exc))
                 return
-            await serve_sse(self.streams, receive, send)
+            await serve_sse(self.streams, receive, send, allowed)
         elif kind == "websocket":
             await serve_ecg(self.streams, scope, receive, send, self._feeder(scope))
         elif kind == "http":
@@ -93,8 +98,9 @@ class App:
         authorization = None
         for key, value in scope["headers"]:
             if key == b"authorization":
+                if authorization is not None:  # which one counts would be a guess: refuse both
+                    raise InvalidInput("send one Authorization header, not several")
                 authorization = value.decode("latin-1")
-                break
         return self.dataplane.authenticate(authorization, scope.get(PEER_KEY), transport)
 
     def _feeder(self, scope: dict[str, Any]) -> Callable[[str], None]:
@@ -187,8 +193,29 @@ class App:
         raise NotFound(f"no route {method} {scope['path']}")
 
     async def _infer(self, call: _Call, name: str, version: str | None, caller: Caller) -> Response:
-        scope = call.scope
         max_elements = self.dataplane.check_served(name, version, caller, "rest")
+        try:
+            request, context = await self._request(call, max_elements, caller)
+        except BedsideError as exc:  # refused before the dataplane saw it: still on the audit record
+            self.dataplane.refused(name, version, caller, "rest", exc)
+            raise
+        response = await self.dataplane.infer(name, version, request, context)
+        if sum(a.nbytes for a in response.outputs.values()) <= self.inline_decode:
+            payload, binary_header = encode_response(response, request)
+        else:  # a large answer (an image mask, logits) is written off the event loop, as large bodies are read
+            loop = asyncio.get_running_loop()
+            payload, binary_header = await loop.run_in_executor(self._decoder, encode_response, response, request)
+        if binary_header is None:
+            return Response(200, payload)
+        return Response(
+            200,
+            payload,
+            [(b"content-type", _OCTET), (b"inference-header-content-length", str(binary_header).encode())],
+        )
+
+    async def _request(self, call: _Call, max_elements: int | None, caller: Caller) -> tuple[InferRequest, CallContext]:
+        """The request body decoded, and its caller context from the headers and parameters."""
+        scope = call.scope
         # no valid request to this model is larger than its inputs written as JSON numbers
         limit = self.max_body if max_elements is None else min(self.max_body, bound_for(max_elements))
         header_length = None
@@ -220,19 +247,7 @@ class App:
         context = call_context(
             request.parameters, tenant=tenant, priority=priority, timeout_ms=timeout_ms, transport="rest", caller=caller
         )
-        response = await self.dataplane.infer(name, version, request, context)
-        if sum(a.nbytes for a in response.outputs.values()) <= self.inline_decode:
-            payload, binary_header = encode_response(response, request)
-        else:  # a large answer (an image mask, logits) is written off the event loop, as large bodies are read
-            loop = asyncio.get_running_loop()
-            payload, binary_header = await loop.run_in_executor(self._decoder, encode_response, response, request)
-        if binary_header is None:
-            return Response(200, payload)
-        return Response(
-            200,
-            payload,
-            [(b"content-type", _OCTET), (b"inference-header-content-length", str(binary_header).encode())],
-        )
+        return request, context
 
     async def _read_body(self, call: _Call, limit: int) -> bytes:
         """The whole body, at most `limit` bytes (413 beyond). A body larger than SMALL_BODY is counted

@@ -139,12 +139,16 @@ class InferenceServicer:
             self.dataplane.check_served(
                 request.model_name, request.model_version, caller, "grpc"
             )  # 404 before the body
-            if request.ByteSize() <= self.inline_decode:
-                infer_request, parameters = codec.decode_request(request)
-            else:
-                loop = asyncio.get_running_loop()
-                infer_request, parameters = await loop.run_in_executor(self._decoder, codec.decode_request, request)
-            call = caller_context(parameters, context.invocation_metadata(), caller)
+            try:
+                if request.ByteSize() <= self.inline_decode:
+                    infer_request, parameters = codec.decode_request(request)
+                else:
+                    loop = asyncio.get_running_loop()
+                    infer_request, parameters = await loop.run_in_executor(self._decoder, codec.decode_request, request)
+                call = caller_context(parameters, context.invocation_metadata(), caller)
+            except BedsideError as exc:  # refused before the dataplane saw it: still on the audit record
+                self.dataplane.refused(request.model_name, request.model_version, caller, "grpc", exc)
+                raise
             response = await self.dataplane.infer(request.model_name, request.model_version, infer_request, call)
             return codec.encode_response(response)
         except BedsideError as exc:
@@ -162,8 +166,9 @@ class InferenceServicer:
         authorization = None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
+                if authorization is not None:  # which one counts would be a guess: refuse both
+                    raise InvalidInput("send one authorization metadata entry, not several")
                 authorization = value if isinstance(value, str) else value.decode("latin-1")
-                break
         peer = None
         if authorization is None:
             found = context.auth_context()
@@ -311,9 +316,9 @@ async def start_grpc_server(
     before it is read into memory); replies are not bounded here. Beyond `max_calls` calls in
     progress a new one fails RESOURCE_EXHAUSTED; a connection idle for `idle_s` is closed, so
     neither calls nor connections pile up. Metadata stays within gRPC's own 8 KiB default. Raises
-    OSError when the address cannot be bound. With `tls`, the port serves TLS only (mutual TLS when
-    it asks for client certificates: gRPC then requires one; optional client certificates are an
-    HTTP-only mode, token callers use the `authorization` metadata)."""
+    OSError when the address cannot be bound. With `tls`, the port serves TLS only: mutual TLS with
+    security.client_cert=required; with "optional" grpcio asks for no client certificate at all, so
+    gRPC callers authenticate with the `authorization` metadata."""
     server = grpc.aio.server(
         maximum_concurrent_rpcs=max_calls,
         options=[
