@@ -218,16 +218,21 @@ async def _connection(port: int, request: bytes, stop: float, out: list[Outcome]
             if delay > 0:
                 await asyncio.sleep(delay)  # pacing an open-loop probe, not waiting for a result
             next_send += pace
-        t0 = time.perf_counter()
-        writer.write(request)
-        buf = b""
-        while not (n := _response_complete(buf)):
-            chunk = await reader.read(65536)
-            if not chunk:
-                raise RuntimeError("the server closed the connection")
-            buf += chunk
-        out.append(_outcome(time.perf_counter() - t0, buf[:n]))
+        out.append(await exchange(reader, writer, request))
     writer.close()
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> Outcome:
+    """Send one request on a keep-alive connection and read its whole response, timed."""
+    t0 = time.perf_counter()
+    writer.write(request)
+    buf = b""
+    while not (n := _response_complete(buf)):
+        chunk = await reader.read(65536)
+        if not chunk:
+            raise RuntimeError("the server closed the connection")
+        buf += chunk
+    return _outcome(time.perf_counter() - t0, buf[:n])
 
 
 def run_async(coroutine: Any) -> Any:

@@ -44,11 +44,11 @@ from _common import (  # first: from here on a Ctrl-C ends the script without a 
     NAME,
     BlockingClient,
     _last_line,
-    _outcome,
     _response_complete,
     _status,
     console,
     demo_repo,
+    exchange,
     free_port,
     http_request,
     machine,
@@ -191,15 +191,7 @@ def rest_concurrent(
 
         async def loop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, until: float, out: list) -> None:
             while time.perf_counter() < until:
-                t0 = time.perf_counter()
-                writer.write(request)
-                buf = b""
-                while not (n := _response_complete(buf)):
-                    chunk = await reader.read(65536)
-                    if not chunk:
-                        raise RuntimeError("the server closed the connection")
-                    buf += chunk
-                out.append(_outcome(time.perf_counter() - t0, buf[:n]))
+                out.append(await exchange(reader, writer, request))
 
         connections = await asyncio.gather(*(connect() for _ in range(concurrency)))
         warm: list = []

@@ -14,30 +14,25 @@ from bedside.dataplane.access import Access
 from bedside.errors import BedsideError, Forbidden, NotFound, Unauthenticated
 from bedside.modelconfig.model import parse_config
 from bedside.protocol.types import ANONYMOUS, SYSTEM, CallContext, InferRequest
+from bedside.security.audit import AuditLog
+from bedside.security.auditcheck import last_entries
 from bedside.security.callers import CallerRegistry, Peer
 from tests.models import SCALE_CONFIG, scale_model, write_config
 
 
 class Recorder:
-    """An audit sink that keeps what it is given."""
+    """The real audit log, read back: entries as (kind, caller, tenant, transport, model, version,
+    request id, outcome, latency) in the order written."""
 
-    def __init__(self) -> None:
-        self.entries: list[tuple[str, ...]] = []
+    def __init__(self, path: Path) -> None:
+        self.log = AuditLog(path, buffer_max=100_000, flush_ms=10_000, retention_days=0)
+        self.log.start()
 
-    def record(
-        self,
-        kind: str,
-        caller: str,
-        tenant: str,
-        transport: str,
-        model: str = "",
-        version: str = "",
-        request_id: str = "",
-        outcome: str = "ok",
-        latency_us: int = 0,
-        detail: str = "",
-    ) -> None:
-        self.entries.append((kind, caller, tenant, transport, model, version, request_id, outcome, str(latency_us)))
+    @property
+    def entries(self) -> list[tuple[str, ...]]:
+        self.log.flush()
+        fields = ("kind", "caller", "tenant", "transport", "model", "version", "request_id", "outcome", "latency_us")
+        return [tuple(str(e[f]) for f in fields) for e in last_entries(self.log.path, 100_000)]
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +70,12 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[CallerRegistry, 
 
 @pytest.fixture(scope="module")
 def plane(repo: Path, registry: tuple[CallerRegistry, dict[str, str]]):
-    audit = Recorder()
-    dataplane = Dataplane(repo, access=Access(registry[0], audit))
+    audit = Recorder(repo.parent / "audit.sqlite")
+    dataplane = Dataplane(repo, access=Access(registry[0], audit.log))
     dataplane.start()
     yield dataplane, registry[1], audit
     dataplane.close()
+    audit.log.close()
 
 
 def _as(plane_, name: str):
@@ -255,7 +251,7 @@ def test_a_config_names_no_other_tenant(plane):
 
 
 def test_a_tenant_uses_a_model_shared_with_it_but_only_the_owner_loads_and_unloads_it(plane):
-    dataplane, tokens, _ = plane
+    dataplane = plane[0]
     with pytest.raises(Forbidden, match="only the tenant that owns"):
         asyncio.run(dataplane.unload("b_model", _as(plane, "a-admin")))
     with pytest.raises(Forbidden, match="only the tenant that owns"):

@@ -15,11 +15,10 @@ Every refusal is also written to the audit log.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from bedside.errors import Forbidden, Unauthenticated, model_not_found
 from bedside.modelconfig.model import AccessSpec
 from bedside.protocol.types import ANONYMOUS, SYSTEM, Caller
+from bedside.security.audit import AuditLog
 from bedside.security.callers import CallerRegistry, Peer
 
 INFER, MONITOR, ADMIN, DEVICE = "infer", "monitor", "admin", "device"
@@ -28,29 +27,13 @@ _OPEN_ACCESS = AccessSpec()
 NO_TENANT = AccessSpec(owner="")  # a model whose [access] cannot be read: no tenant is its owner
 
 
-class AuditSink(Protocol):
-    def record(
-        self,
-        kind: str,
-        caller: str,
-        tenant: str,
-        transport: str,
-        model: str = "",
-        version: str = "",
-        request_id: str = "",
-        outcome: str = "ok",
-        latency_us: int = 0,
-        detail: str = "",
-    ) -> None: ...
-
-
 def restricted(caller: Caller) -> bool:
     """Whether the caller's tenant limits what it sees (an authenticated caller, not the server itself)."""
     return caller.authenticated and caller is not SYSTEM
 
 
 class Access:
-    def __init__(self, registry: CallerRegistry | None = None, audit: AuditSink | None = None) -> None:
+    def __init__(self, registry: CallerRegistry | None = None, audit: AuditLog | None = None) -> None:
         self.registry = registry  # None: authentication off
         self.audit = audit
 
