@@ -171,6 +171,7 @@ class SecuritySettings:
         False, "every caller must authenticate (bearer token or client certificate); off: one anonymous caller"
     )
     callers_file: str = _opt("", "callers, their tenants, roles, beds and token hashes; empty: STATE_DIR/callers.json")
+    max_callers: int = _opt(10_000, "callers the callers file may hold (it is read whole, into memory)", 1, 10**6)
     tls_cert: str = _opt("", "PEM certificate chain for TLS on HTTP, gRPC and MLLP; empty: no TLS")
     tls_key: str = _opt("", "PEM private key of tls_cert")
     tls_client_ca: str = _opt("", "PEM CA that signs client certificates (mutual TLS); empty: none asked")

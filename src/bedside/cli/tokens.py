@@ -23,6 +23,7 @@ from bedside.cli.common import console, fail
 
 if TYPE_CHECKING:
     from bedside.security.callers import CallerRecord, CallerRegistry
+    from bedside.settings import Settings
 
 app = typer.Typer(help="Callers and their bearer tokens (the callers file).", no_args_is_help=True)
 notes = Console(stderr=True)  # the token alone on stdout, so `TOKEN=$(bedside tokens add ...)` captures just it
@@ -45,24 +46,28 @@ BedOption = Annotated[
 ]
 
 
-def callers_file(given: Path | None) -> Path:
-    """--callers, else the file the server would read with this environment's settings."""
-    if given is not None:
-        return given
-    from bedside.settings import SettingsError, callers_path, from_environment
+def _settings() -> Settings:
+    """The settings the server would run with in this environment (a bad variable: exit 2)."""
+    from bedside.settings import SettingsError, from_environment
 
     try:
-        settings, _ = from_environment(os.environ)
+        return from_environment(os.environ)[0]
     except SettingsError as exc:
         fail(str(exc), 2)
-    return callers_path(settings, os.environ)
+
+
+def callers_file(given: Path | None) -> Path:
+    """--callers, else the file the server would read with this environment's settings."""
+    from bedside.settings import callers_path
+
+    return given if given is not None else callers_path(_settings(), os.environ)
 
 
 def open_registry(given: Path | None) -> CallerRegistry:
     from bedside.security.callers import CallerRegistry, CallersError
 
     try:
-        return CallerRegistry(callers_file(given))
+        return CallerRegistry(callers_file(given), _settings().security.max_callers)
     except CallersError as exc:
         fail(str(exc), 2)
 

@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from bedside.protocol.types import ROLES, Caller
+from bedside.settings import DEFAULTS
 
 TOKEN_PREFIX = "bst_"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 BED_PATTERN = re.compile(r"[A-Za-z0-9._*?\[\]-]{1,64}")
 RELOAD_CHECK_S = 1.0
-MAX_CALLERS = 10_000  # the file is read whole; a bound keeps a mistaken script from filling memory
+MAX_CALLERS = DEFAULTS.security.max_callers  # the file is read whole: a mistaken script must not fill memory
 
 
 class CallersError(ValueError):
@@ -92,8 +93,9 @@ def check_record(name: str, tenant: str, roles: list[str], beds: list[str]) -> N
 class CallerRegistry:
     """The callers file, read into lookup tables. Missing file: no callers (every request is 401)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_callers: int = MAX_CALLERS) -> None:
         self.path = path
+        self.max_callers = max_callers
         self.records: dict[str, CallerRecord] = {}
         self._by_token: dict[str, Caller] = {}
         self._by_cert: dict[tuple[str, str], Caller] = {}
@@ -129,7 +131,7 @@ class CallerRegistry:
 
     def reload(self) -> None:
         stamp = self._file_stamp()
-        records = _read(self.path) if stamp is not None else {}
+        records = _read(self.path, self.max_callers) if stamp is not None else {}
         self.records = records
         self._by_token = {t["sha256"]: r.caller() for r in records.values() for t in r.tokens}
         self._by_cert = {(r.name, c["sha256"]): r.caller() for r in records.values() for c in r.certificates}
@@ -142,8 +144,9 @@ class CallerRegistry:
         check_record(name, tenant, roles, beds)
         record = self.records.get(name)
         if record is None:
-            if len(self.records) >= MAX_CALLERS:
-                raise CallersError(f"the callers file holds {MAX_CALLERS} callers, its limit")
+            if len(self.records) >= self.max_callers:
+                limit = self.max_callers
+                raise CallersError(f"the callers file holds {limit} callers, its limit (security.max_callers)")
             record = self.records[name] = CallerRecord(name, tenant, sorted(set(roles)), sorted(set(beds)))
         else:
             record.tenant, record.roles, record.beds = tenant, sorted(set(roles)), sorted(set(beds))
@@ -188,14 +191,14 @@ class CallerRegistry:
         self.reload()
 
 
-def _read(path: Path) -> dict[str, CallerRecord]:
+def _read(path: Path, max_callers: int) -> dict[str, CallerRecord]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CallersError(f"the callers file cannot be read: {type(exc).__name__}") from None
     rows = doc.get("callers") if isinstance(doc, dict) else None
-    if not isinstance(rows, list) or len(rows) > MAX_CALLERS:
-        raise CallersError(f"the callers file must hold a list 'callers' of at most {MAX_CALLERS} entries")
+    if not isinstance(rows, list) or len(rows) > max_callers:
+        raise CallersError(f"the callers file must hold a list 'callers' of at most {max_callers} entries")
     records: dict[str, CallerRecord] = {}
     for i, row in enumerate(rows):
         try:

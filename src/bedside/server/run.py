@@ -99,7 +99,7 @@ def check_security(settings: Settings) -> None:
     try:
         tls = server_context(security) is not None
         if security.auth:
-            registry = CallerRegistry(callers_path(settings, os.environ))
+            registry = CallerRegistry(callers_path(settings, os.environ), security.max_callers)
             if not registry.records:
                 raise StartupError(
                     "authentication is on but no caller is registered, so every request would be refused; "
@@ -133,7 +133,7 @@ def check_security(settings: Settings) -> None:
 
 def _access(settings: Settings) -> tuple[Access, AuditLog | None]:
     security = settings.security
-    registry = CallerRegistry(callers_path(settings, os.environ)) if security.auth else None
+    registry = CallerRegistry(callers_path(settings, os.environ), security.max_callers) if security.auth else None
     audit = None
     if security.audit:
         audit = AuditLog(

@@ -94,4 +94,4 @@ def listener_security(security: SecuritySettings, state: Path | None) -> Listene
     path = callers_path(security, state)
     if path is None:
         raise TLSConfigError("security.auth needs the callers file: set security.callers_file or streams.state_dir")
-    return ListenerSecurity(context, CallerRegistry(path).by_certificate)
+    return ListenerSecurity(context, CallerRegistry(path, security.max_callers).by_certificate)
