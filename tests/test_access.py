@@ -16,7 +16,7 @@ from bedside.modelconfig.model import parse_config
 from bedside.protocol.types import ANONYMOUS, SYSTEM, CallContext, InferRequest
 from bedside.security.audit import AuditLog
 from bedside.security.auditcheck import last_entries
-from bedside.security.callers import CallerRegistry, Peer
+from bedside.security.callers import CallerRegistry, CallersError, Peer
 from tests.models import SCALE_CONFIG, scale_model, write_config
 
 
@@ -266,3 +266,37 @@ def test_a_model_whose_config_cannot_be_read_belongs_to_no_tenant(plane):
         assert "unreadable" not in {r.name for r in dataplane.repository_index(caller)}
         assert type(_error(lambda c=caller: dataplane.model_metadata("unreadable", None, c))) is NotFound
     assert "unreadable" in {r.name for r in dataplane.repository_index(SYSTEM)}
+
+
+def test_a_flood_of_failed_logins_is_counted_not_written_one_by_one(tmp_path: Path):
+    audit = Recorder(tmp_path / "audit.sqlite")
+    now = [100.0]
+    access = Access(CallerRegistry(tmp_path / "callers.json"), audit.log, failures_per_s=3, clock=lambda: now[0])
+    for _ in range(10):
+        with pytest.raises(Unauthenticated):
+            access.authenticate("Bearer bst_wrong", None, "rest")
+    assert [e[0] for e in audit.entries] == ["auth_failed"] * 3
+    now[0] = 101.5
+    with pytest.raises(Unauthenticated):
+        access.authenticate(None, None, "grpc")
+    details = [e for e in audit.entries]
+    assert len(details) == 5  # the 7 not written one by one are one entry, then the new second's first
+    summary = last_entries(audit.log.path, 10)[3]
+    assert summary["detail"].startswith("7 more: the bearer token is not valid")
+    audit.log.close()
+
+
+def test_the_callers_file_is_checked_before_it_is_trusted(tmp_path: Path):
+    path = tmp_path / "callers.json"
+    reg = CallerRegistry(path)
+    reg.upsert("cart", "a", ["device"], ["ICU-*"])
+    reg.save()
+    text = path.read_text().replace('"beds": [\n    "ICU-*"\n   ]', '"beds": "ICU-*"')
+    path.write_text(text)
+    path.chmod(0o600)
+    with pytest.raises(CallersError, match="beds must be a list"):
+        CallerRegistry(path)
+    reg.save()
+    path.chmod(0o664)  # group-writable: someone else could add an admin token
+    with pytest.raises(CallersError, match="writable by no one else"):
+        CallerRegistry(path)

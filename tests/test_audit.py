@@ -390,3 +390,12 @@ def test_cli_export_and_show(ten, tmp_path):
         "9",
         "10",
     ]
+
+
+def test_cli_export_narrows_an_existing_readable_file(ten, tmp_path):
+    out = tmp_path / "export.jsonl"
+    out.write_bytes(b"old")
+    out.chmod(0o644)
+    result = runner.invoke(app, ["export", "--file", str(ten), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_mode & 0o777 == 0o600 and verify_jsonl(out.read_bytes().splitlines()).checked == 10

@@ -295,3 +295,22 @@ def test_an_encrypted_key_is_refused_without_a_prompt(pki: PKI):
     path = pki.folder / "encrypted.key"
     path.write_bytes(key)
     assert "security.tls_key is encrypted" in config_error(pki.settings(tls_key=str(path)))
+
+
+@pytest.mark.parametrize("name", ["ca", "server", "CA"])
+def test_certs_client_refuses_the_names_of_the_ca_and_the_server(tmp_path: Path, monkeypatch, name: str):
+    from typer.testing import CliRunner
+
+    from bedside.cli.certs import app
+
+    monkeypatch.setenv("BEDSIDE_STREAMS_STATE_DIR", str(tmp_path / "state"))
+    folder = tmp_path / "pki"
+    runner = CliRunner()
+    assert runner.invoke(app, ["init", str(folder)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    args = ["client", str(folder), name, "--tenant", "icu", "--role", "device", "--force"]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 2 and "cannot be a client's name" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert not (tmp_path / "state" / "callers.json").exists()

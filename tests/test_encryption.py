@@ -178,6 +178,21 @@ def test_bad_key_texts_are_refused_without_quoting_them(tmp_path):
         load_keyring(f"file:{tmp_path / 'missing'}", {})
 
 
+def test_a_refused_key_file_is_warned_about_once_per_change(tmp_path, caplog):
+    a, b = new_key(), new_key()
+    path = tmp_path / "k"
+    keys = load_keyring(key_file(path, a.hex()), {})
+    assert keys is not None
+    path.chmod(0o644)  # refused from now on: the journal calls refresh() on every commit
+    with caplog.at_level("WARNING", logger=keys_module.log.name):
+        assert not keys.refresh() and not keys.refresh() and not keys.refresh()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "keeping the keys read before" in warnings[0].getMessage()
+    assert keys.ids == [key_id(a)]
+    key_file(path, f"{b.hex()}\n{a.hex()}\n")  # fixed: read again
+    assert keys.refresh() and keys.ids == [key_id(b), key_id(a)]
+
+
 def test_env_and_command_providers():
     a, b = new_key(), new_key()
     keys = load_keyring("env:BEDSIDE_TEST_KEYS", {"BEDSIDE_TEST_KEYS": f" {a.hex()} {base64.b64encode(b).decode()}\n"})
@@ -496,3 +511,20 @@ def test_a_running_journal_writer_follows_a_rotated_key_file(tmp_path):
     ids = [sealed_key_id(blob) for (blob,) in db.execute("SELECT value FROM observations ORDER BY rowid")]
     db.close()
     assert ids == [key_id(old), key_id(new)]
+
+
+def test_optimize_refuses_an_encrypted_version_clearly(tmp_path):
+    from bedside.errors import InvalidInput
+    from bedside.pipeline.optimize import NotApplicable
+    from bedside.pipeline.workflow import optimize_version
+
+    repo = tmp_path / "repo"
+    write_config(repo / "m", SCALE_CONFIG)
+    seal_file(scale_model(repo / "m" / "1" / "model.onnx"), ring()).parent.joinpath("model.onnx").unlink()
+    eval_x = {"x": np.ones((2, 4), np.float32)}
+    with pytest.raises(NotApplicable) as caught:
+        optimize_version(repo, "m", "int8-dynamic", eval_x, None, metric="agreement")
+    assert isinstance(caught.value, InvalidInput)  # the CLI: its message on one line, exit 2
+    assert str(caught.value) == (
+        "model m version 1 is encrypted (model.onnx.enc): optimize a plain model, then bedside encrypt the result"
+    )

@@ -196,6 +196,9 @@ class SecuritySettings:
         100_000, "audit entries held in memory before the writer stores them; beyond, counted as lost", 1000, 10**7
     )
     audit_flush_ms: float = _opt(200.0, "longest an audit entry waits in memory before it is written", 1, 60_000)
+    audit_auth_failures_per_s: int = _opt(
+        100, "authentication failures logged one by one each second; beyond, counted in one entry", 1, 100_000
+    )
     audit_retention_days: int = _opt(
         2190, "audit entries older than this are deleted (2190 days: six years); 0: kept forever", 0, 36_500
     )

@@ -100,7 +100,9 @@ def export(
             sys.stdout.flush()
         else:
             # owner-only: the entries name callers, tenants and models
+            # (the mode of os.open only applies to a new file: an existing one is narrowed too)
             with os.fdopen(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as target:
+                os.fchmod(target.fileno(), 0o600)
                 count = write(path, target, since_ns, until_ns)
     except AuditFileError as exc:
         fail(str(exc), 2)

@@ -104,6 +104,8 @@ def client(
     """Issue NAME.pem and NAME.key signed by the folder's CA and register NAME in the callers file."""
     from bedside.security.certs import fingerprint, load_issued, make_client
 
+    if name.casefold() in ("ca", "server"):  # NAME.pem and NAME.key would be the CA's or the server's
+        fail(f"{name!r} cannot be a client's name: the CA and the server certificate use it; choose another", 2)
     registry = open_registry(callers)
     upsert(registry, name, tenant, role, bed)  # checks the name, tenant, roles and beds before anything is written
     try:

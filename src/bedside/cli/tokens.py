@@ -67,7 +67,7 @@ def open_registry(given: Path | None) -> CallerRegistry:
     from bedside.security.callers import CallerRegistry, CallersError
 
     try:
-        return CallerRegistry(callers_file(given), _settings().security.max_callers)
+        return CallerRegistry(callers_file(given), _settings().security.max_callers, edit=True)
     except CallersError as exc:
         fail(str(exc), 2)
 

@@ -15,11 +15,15 @@ Every refusal is also written to the audit log.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from bedside.errors import Forbidden, Unauthenticated, model_not_found
 from bedside.modelconfig.model import AccessSpec
 from bedside.protocol.types import ANONYMOUS, SYSTEM, Caller
 from bedside.security.audit import AuditLog
 from bedside.security.callers import CallerRegistry, Peer
+from bedside.settings import DEFAULTS
 
 INFER, MONITOR, ADMIN, DEVICE = "infer", "monitor", "admin", "device"
 DESCRIBE = (INFER, MONITOR, ADMIN)  # model metadata, config and readiness: any role but a bare device
@@ -33,9 +37,22 @@ def restricted(caller: Caller) -> bool:
 
 
 class Access:
-    def __init__(self, registry: CallerRegistry | None = None, audit: AuditLog | None = None) -> None:
+    def __init__(
+        self,
+        registry: CallerRegistry | None = None,
+        audit: AuditLog | None = None,
+        failures_per_s: int = DEFAULTS.security.audit_auth_failures_per_s,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.registry = registry  # None: authentication off
         self.audit = audit
+        # Anyone who reaches the port can fail to authenticate, as fast as the network allows: one
+        # entry each would let them fill the disk and push real entries out of the audit buffer.
+        self._failures_per_s = failures_per_s
+        self._clock = clock
+        self._second = 0
+        self._failures = 0  # this second's
+        self._unlogged: dict[tuple[str, str], int] = {}  # (transport, reason) -> failures counted, not logged
 
     @property
     def required(self) -> bool:
@@ -65,8 +82,20 @@ class Access:
         )
 
     def _refuse(self, transport: str, reason: str) -> Unauthenticated:
-        if self.audit is not None:
-            self.audit.record("auth_failed", "", "", transport, outcome="401", detail=reason)
+        audit = self.audit
+        if audit is not None:
+            second = int(self._clock())
+            if second != self._second:
+                for (where, why), count in self._unlogged.items():
+                    audit.record("auth_failed", "", "", where, outcome="401", detail=f"{count} more: {why}")
+                self._unlogged.clear()
+                self._second, self._failures = second, 0
+            self._failures += 1
+            if self._failures <= self._failures_per_s:
+                audit.record("auth_failed", "", "", transport, outcome="401", detail=reason)
+            else:  # bounded: the reasons are the few fixed texts above
+                key = (transport, reason)
+                self._unlogged[key] = self._unlogged.get(key, 0) + 1
         return Unauthenticated(reason)
 
     def require(self, caller: Caller, *roles: str, transport: str = "", action: str = "") -> None:

@@ -116,10 +116,13 @@ class Dataplane:
         caller = context.caller
         try:
             response = await self._infer(model, version, request, context)
-        except BedsideError as exc:
+        except BaseException as exc:  # every request leaves an entry: a 500, a cancelled one too
+            outcome = str(exc.status) if isinstance(exc, BedsideError) else (
+                "cancelled" if isinstance(exc, asyncio.CancelledError) else "500"
+            )  # fmt: skip
             self._audit.record(
                 "infer", caller.name, context.tenant, context.transport, model, version or "", request.id or "",
-                str(exc.status), (perf_counter_ns() - started) // 1000,
+                outcome, (perf_counter_ns() - started) // 1000,
             )  # fmt: skip
             raise
         self._audit.record(

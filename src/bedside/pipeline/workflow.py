@@ -25,7 +25,7 @@ from bedside.pipeline.data import match_inputs
 from bedside.pipeline.export import RTOL, TOLERANCE, ExportResult, export_model
 from bedside.pipeline.optimize import METHODS, NotApplicable, optimize_file, reduced_precision, why_not
 from bedside.pipeline.publish import publish
-from bedside.repository.store import ModelStore
+from bedside.repository.store import SEALED_FILE, ModelStore
 
 
 def export_to_repository(
@@ -85,6 +85,8 @@ def export_to_repository(
 def _fp32_version(store: ModelStore, name: str, versions: list[int]) -> int | None:
     """The latest version at full precision (not INT8, not FP16)."""
     for v in reversed(versions):
+        if store.model_file(name, v).name == SEALED_FILE:
+            continue  # cannot be optimized as it is (see optimize_version)
         if not reduced_precision(onnx.load(str(store.model_file(name, v)), load_external_data=False)):
             return v
     return None
@@ -120,6 +122,11 @@ def optimize_version(
         raise NotFound(f"model {name!r} has no version {version}; its versions: {', '.join(map(str, versions))}")
     number = version or versions[-1]
     source = store.model_file(name, number)
+    if source.name == SEALED_FILE:
+        raise NotApplicable(
+            f"model {name} version {number} is encrypted ({SEALED_FILE}): optimize a plain model, "
+            "then bedside encrypt the result"
+        )
     model = onnx.load(str(source), load_external_data=False)
     provenance, note = prov.of(model)
     lowered = reduced_precision(model)

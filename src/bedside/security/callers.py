@@ -14,9 +14,10 @@ revoke` takes effect within a second, without a restart.
 from __future__ import annotations
 
 import base64
-import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -33,6 +34,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 BED_PATTERN = re.compile(r"[A-Za-z0-9._*?\[\]-]{1,64}")
 RELOAD_CHECK_S = 1.0
+log = logging.getLogger("bedside.security")
 MAX_CALLERS = DEFAULTS.security.max_callers  # the file is read whole: a mistaken script must not fill memory
 
 
@@ -93,9 +95,16 @@ def check_record(name: str, tenant: str, roles: list[str], beds: list[str]) -> N
 class CallerRegistry:
     """The callers file, read into lookup tables. Missing file: no callers (every request is 401)."""
 
-    def __init__(self, path: Path, max_callers: int = MAX_CALLERS) -> None:
+    def __init__(self, path: Path, max_callers: int = MAX_CALLERS, *, edit: bool = False) -> None:
+        """`edit`: hold the file's lock (`<file>.lock`) from this read until the process ends, so two
+        commands editing at once cannot write back what the other removed (a revoked token)."""
         self.path = path
         self.max_callers = max_callers
+        self._lock_fd: int | None = None
+        if edit:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self.records: dict[str, CallerRecord] = {}
         self._by_token: dict[str, Caller] = {}
         self._by_cert: dict[tuple[str, str], Caller] = {}
@@ -117,10 +126,13 @@ class CallerRegistry:
         now = time.monotonic()
         if now - self._checked >= RELOAD_CHECK_S:
             self._checked = now
-            if self._file_stamp() != self._stamp:
-                # a half-edited file: keep serving with the last good one
-                with contextlib.suppress(CallersError):
+            stamp = self._file_stamp()
+            if stamp != self._stamp:
+                try:
                     self.reload()
+                except CallersError as exc:  # keep serving with the last good file, and say so once
+                    self._stamp = stamp
+                    log.error("the callers file was changed but cannot be used (%s); the last good one stays", exc)
 
     def _file_stamp(self) -> tuple[int, int] | None:
         try:
@@ -155,7 +167,10 @@ class CallerRegistry:
     def issue_token(self, name: str) -> tuple[str, str]:
         """A new token for an existing caller: (token id, token). The token is shown once, never stored."""
         record = self.records[name]
+        taken = {t["id"] for r in self.records.values() for t in r.tokens} | set(self.records)
         token_id = secrets.token_hex(4)
+        while token_id in taken:  # an id names one token, so revoking it revokes that one
+            token_id = secrets.token_hex(4)
         token = f"{TOKEN_PREFIX}{token_id}_{base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip('=')}"
         record.tokens.append({"id": token_id, "sha256": token_hash(token), "created": _now()})
         return token_id, token
@@ -193,6 +208,10 @@ class CallerRegistry:
 
 def _read(path: Path, max_callers: int) -> dict[str, CallerRecord]:
     try:
+        st = path.stat()
+        if st.st_mode & 0o022 or st.st_uid not in (os.getuid(), 0):
+            # who may do what: a file others can write would let them add an admin token
+            raise CallersError("the callers file must be owned by this user (or root) and writable by no one else")
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CallersError(f"the callers file cannot be read: {type(exc).__name__}") from None
@@ -202,6 +221,9 @@ def _read(path: Path, max_callers: int) -> dict[str, CallerRecord]:
     records: dict[str, CallerRecord] = {}
     for i, row in enumerate(rows):
         try:
+            for key in ("roles", "beds", "tokens", "certificates"):
+                if not isinstance(row.get(key, []), list):  # a string would be read letter by letter
+                    raise CallersError(f"{key} must be a list")
             record = CallerRecord(
                 str(row["name"]),
                 str(row["tenant"]),

@@ -116,12 +116,14 @@ class KeyRing:
         stamp = _file_stamp(self._spec)
         if stamp is None or stamp == self._stamp:
             return False
+        # remembered before the read: a file that cannot be used is told once per change of the
+        # file, not on every journal commit that calls refresh()
+        self._stamp = stamp
         try:
             keys = read_keys(self._spec, {})
         except KeyProviderError as exc:
             log.warning("%s: keeping the keys read before: %s", SETTING, exc)
             return False
-        self._stamp = stamp
         if keys == list(self._keys):
             return False
         self._set(keys)

@@ -143,7 +143,7 @@ def _access(settings: Settings) -> tuple[Access, AuditLog | None]:
             retention_days=security.audit_retention_days,
         )
         audit.start()
-    return Access(registry, audit), audit
+    return Access(registry, audit, security.audit_auth_failures_per_s), audit
 
 
 def serve(repository: Path, settings: Settings) -> None:
@@ -205,9 +205,9 @@ async def _serve(repository: Path, settings: Settings) -> None:
             ws_max_size=settings.limits.max_ws_message_kb << 10,
             ws_per_message_deflate=False,  # float32 ECG samples barely compress; deflate cost CPU on every chunk
             ws=PeerWebSocketProtocol,  # the client certificate in the scope, as for HTTP
-            ssl_certfile=security.tls_cert or None,
-            ssl_keyfile=security.tls_key or None,
-            ssl_ca_certs=security.tls_client_ca or None,
+            ssl_certfile=_expanded(security.tls_cert),
+            ssl_keyfile=_expanded(security.tls_key),
+            ssl_ca_certs=_expanded(security.tls_client_ca),
             ssl_cert_reqs=_client_cert_mode(security),
         )
     )
@@ -254,6 +254,11 @@ async def _serve(repository: Path, settings: Settings) -> None:
         dataplane.close()
         if audit is not None:
             audit.close()  # what is still in memory is written before the process ends
+
+
+def _expanded(path: str) -> str | None:
+    """A TLS file setting as uvicorn needs it: ~ expanded, as security.tls checked it; None: unset."""
+    return str(Path(path).expanduser()) if path else None
 
 
 def _client_cert_mode(security: SecuritySettings) -> int:
