@@ -35,6 +35,7 @@ TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 BED_PATTERN = re.compile(r"[A-Za-z0-9._*?\[\]-]{1,64}")
 RELOAD_CHECK_S = 1.0
 log = logging.getLogger("bedside.security")
+_LOCKS: dict[str, int] = {}  # callers file -> the descriptor holding its edit lock in this process
 MAX_CALLERS = DEFAULTS.security.max_callers  # the file is read whole: a mistaken script must not fill memory
 
 
@@ -96,15 +97,16 @@ class CallerRegistry:
     """The callers file, read into lookup tables. Missing file: no callers (every request is 401)."""
 
     def __init__(self, path: Path, max_callers: int = MAX_CALLERS, *, edit: bool = False) -> None:
-        """`edit`: hold the file's lock (`<file>.lock`) from this read until the process ends, so two
-        commands editing at once cannot write back what the other removed (a revoked token)."""
+        """`edit`: hold the file's lock (`<file>.lock`) from this read until `save()` (or the end of
+        the process), so two commands editing at once cannot write back what the other removed (a
+        revoked token)."""
         self.path = path
         self.max_callers = max_callers
-        self._lock_fd: int | None = None
-        if edit:
+        if edit and str(path) not in _LOCKS:  # held already by this process: a command edits once
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _LOCKS[str(path)] = fd
         self.records: dict[str, CallerRecord] = {}
         self._by_token: dict[str, Caller] = {}
         self._by_cert: dict[tuple[str, str], Caller] = {}
@@ -204,6 +206,9 @@ class CallerRegistry:
             os.fsync(out.fileno())
         os.replace(tmp, self.path)
         self.reload()
+        fd = _LOCKS.pop(str(self.path), -1)
+        if fd >= 0:
+            os.close(fd)  # closing the descriptor drops its flock: other editors may go on
 
 
 def _read(path: Path, max_callers: int) -> dict[str, CallerRecord]:
