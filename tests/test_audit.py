@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -399,3 +400,37 @@ def test_cli_export_narrows_an_existing_readable_file(ten, tmp_path):
     result = runner.invoke(app, ["export", "--file", str(ten), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert out.stat().st_mode & 0o777 == 0o600 and verify_jsonl(out.read_bytes().splitlines()).checked == 10
+
+
+def test_the_writer_process_stores_and_is_started_again_when_it_dies(tmp_path):
+    path = tmp_path / "audit.sqlite"
+    log = make_log(path, flush_ms=10_000.0)
+    log.start()
+    child = log._child
+    assert child is not None and child.process.pid != os.getpid()
+    record(log, 5)
+    assert log.flush() == 5
+    child.process.kill()
+    child.process.wait()
+    record(log, 5, start=5)
+    assert log.flush() == 5  # a new writer process
+    assert log._child is not None and log._child is not child
+    log.close()
+    assert log._child is None and child.process.returncode is not None
+    assert log.stats() == {"written": 10, "lost": 0, "pending": 0, "last_error": None}
+    result = verify(path)
+    assert result.intact and result.checked == 10
+
+
+def test_a_writer_process_failure_keeps_the_batch(tmp_path):
+    path = tmp_path / "audit.sqlite"
+    log = make_log(path, flush_ms=10_000.0)
+    log.start()
+    assert log._child is not None
+    log._child.sock.close()  # the connection breaks mid-way: the batch stays in memory
+    record(log, 3)
+    assert log.flush() == 0
+    assert log.stats()["pending"] == 3 and log.stats()["last_error"].startswith("writing: the audit writer process")
+    assert log.flush() == 3 and log.stats()["last_error"] is None
+    log.close()
+    assert [e["request_id"] for e in last_entries(path, 5)] == ["req-0", "req-1", "req-2"]

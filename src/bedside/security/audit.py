@@ -4,7 +4,9 @@ hash-chained SQLite file (security.audit_file, else STATE_DIR/audit.sqlite). Nev
 `record()` runs on the event loop for every inference: it appends a tuple to an in-memory buffer
 (~0.5 µs), never blocks, never raises. Beyond `buffer_max` entries waiting, entries are counted as
 lost and the writer stores an `audit_lost` entry with the count, so a gap is itself on the record.
-A writer thread stores the buffer every `flush_ms` (sooner when it fills) in one transaction:
+A sender thread hands the buffer every `flush_ms` (sooner when it fills) to a writer process
+(`bedside.security.auditwriter`, so the hashing and SQLite work never holds this process's GIL),
+which stores it in one transaction:
 `BEGIN IMMEDIATE`, read the chain's head inside it (so processes sharing the file keep one chain),
 hash = SHA-256(previous hash's 32 bytes || canonical(entry)), canonical(entry) being the UTF-8 JSON
 (orjson: no spaces, non-ASCII as is) of [seq, *FIELDS values]; with seq in it, a moved entry fails.
@@ -19,118 +21,92 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import logging
-import os
+import pickle
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
+from bedside.security.auditstore import (  # re-exported: the chain's definition, for auditcheck and tests
+    BATCH_MAX,
+    CHILD_TIMEOUT_S,
+    ERROR_LOG_S,
+    FIELDS,
+    GENESIS,
+    REQUEST_ID_MAX,
+    TEXT_MAX,
+    WAKE_AT,
+    Entry,
+    _Store,
+    describe,
+    entry_hash,
+    head_file,
+    read_head_file,
+    receive_message,
+    retention_cutoff,
+    send_message,
+)
 
-# the entry's values in their stored and hashed order (after seq)
-FIELDS = (
-    "time_ns",
-    "kind",
-    "caller",
-    "tenant",
-    "transport",
-    "model",
-    "version",
-    "request_id",
-    "outcome",
-    "latency_us",
-    "detail",
-)
-INT_FIELDS = frozenset({"time_ns", "latency_us"})
-GENESIS = "0" * 64  # prev_hash of the first entry ever written
-REQUEST_ID_MAX = 128
-TEXT_MAX = 256
-YIELD_EVERY = 128  # entries hashed and inserted between two hand-backs of the GIL
-BATCH_MAX = 50_000  # entries written or deleted per transaction: another process never waits long
-WAKE_AT = 4096  # entries in memory that wake the writer before flush_ms
-RETAIN_EVERY_S = 3600.0
-ERROR_LOG_S = 60.0
-_INT_MAX = 2**62
-_COLUMNS = ", ".join(f"{n} {'INTEGER' if n in INT_FIELDS else 'TEXT'} NOT NULL" for n in (*FIELDS, "prev_hash", "hash"))
-SCHEMA = (
-    f"CREATE TABLE IF NOT EXISTS entries (seq INTEGER PRIMARY KEY, {_COLUMNS})",
-    "CREATE TABLE IF NOT EXISTS anchor (name TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL)",
-)
-_INSERT = f"INSERT INTO entries (seq, {', '.join(FIELDS)}, prev_hash, hash) VALUES "
-_ROW = f"({', '.join('?' * 14)})"
-_SET_ANCHOR = "INSERT OR REPLACE INTO anchor (name, seq, hash) VALUES (?, ?, ?)"
 log = logging.getLogger("bedside.audit")
 
-Entry = tuple[Any, ...]  # the values of FIELDS, in that order
+__all__ = ["FIELDS", "GENESIS", "AuditLog", "entry_hash", "head_file", "read_head_file"]
 
 
-def head_file(path: Path) -> Path:
-    return path.with_name(path.name + ".head")
+class _WriterError(Exception):
+    """A batch the writer process could not store; the text is its reason."""
 
 
-def entry_hash(prev_hash: str, seq: int, values: Sequence[Any]) -> str:
-    """SHA-256 (hex) of the previous hash's 32 bytes and the canonical bytes of [seq, *values].
-    ValueError (or orjson.JSONEncodeError, a TypeError) for values no writer could have stored."""
-    return hashlib.sha256(bytes.fromhex(prev_hash) + orjson.dumps([seq, *values])).hexdigest()
+class _Child:
+    """The writer process and our end of its socket."""
 
+    def __init__(self, path: Path, retention_days: int) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = subprocess.Popen(  # our own interpreter and module
+                [
+                    sys.executable,
+                    "-m",
+                    "bedside.security.auditwriter",
+                    str(theirs.fileno()),
+                    str(path),
+                    str(retention_days),
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.settimeout(CHILD_TIMEOUT_S)
+        self.sock = ours
 
-def read_head_file(path: Path) -> tuple[int, str] | None:
-    """(seq, hash) from `<audit file>.head`, None when it is missing or unreadable."""
-    try:
-        data = orjson.loads(head_file(path).read_bytes())
-        return int(data["seq"]), str(data["hash"])
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
+    def call(self, message: Any) -> Any:
+        send_message(self.sock, message)
+        return receive_message(self.sock)
 
-
-def _insert(db: sqlite3.Connection, values: list[Any]) -> None:
-    """Insert rows (their 14 values one after the other) with ONE statement. executemany steps
-    SQLite once per row and hands the GIL to and fro each time: with the event loop running,
-    thousands of forced thread switches a second cost 15 % of REST throughput at c=16."""
-    db.execute(_INSERT + ", ".join([_ROW] * (len(values) // 14)), values)
-
-
-def _clean(values: Entry) -> Entry:
-    """The values as stored: text truncated and valid UTF-8 (a lone surrogate from a caller would
-    stop both orjson and SQLite), integers bounded. The usual entry (ASCII text, short, as record()
-    truncated it) passes the first test unchanged: the writer's cost per entry is mostly here."""
-    try:
-        time_ns, kind, caller, tenant, transport, model, version, request_id, outcome, latency_us, detail = values
-        if (
-            "".join((kind, caller, tenant, transport, model, version, request_id, outcome, detail)).isascii()
-            and max(len(kind), len(caller), len(tenant), len(transport), len(outcome), len(model), len(version))
-            <= TEXT_MAX
-            and len(detail) <= TEXT_MAX
-            and len(request_id) <= REQUEST_ID_MAX
-            and type(time_ns) is int
-            and type(latency_us) is int
-            and -_INT_MAX <= latency_us <= _INT_MAX
-        ):
-            return values
-    except (TypeError, ValueError):  # not text, or not 11 values: the field by field way below
-        pass
-    out: list[Any] = []
-    for name, value in zip(FIELDS, values, strict=True):
-        if name in INT_FIELDS:
-            try:
-                out.append(max(-_INT_MAX, min(int(value), _INT_MAX)))
-            except (TypeError, ValueError, OverflowError):
-                out.append(0)
-            continue
-        text = value if isinstance(value, str) else str(value)
-        text = text[: REQUEST_ID_MAX if name == "request_id" else TEXT_MAX]
-        if not text.isascii():
-            text = text.encode("utf-8", "replace").decode("utf-8")
-        out.append(text)
-    return tuple(out)
+    def stop(self, *, kill: bool) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if kill:
+            with contextlib.suppress(OSError):
+                self.process.kill()
+        try:
+            self.process.wait(timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 class AuditLog:
-    """The audit log at `path`: `record()` from anywhere, a writer thread (`start()`) stores."""
+    """The audit log at `path`: `record()` from anywhere; after `start()` a sender thread hands the
+    buffer to a writer process, which hashes and stores it (before `start()`, flush() stores it)."""
 
     def __init__(self, path: Path, *, buffer_max: int, flush_ms: float, retention_days: int) -> None:
         self.path = path
@@ -143,11 +119,12 @@ class AuditLog:
         self._lost = 0  # entries dropped by record(); grows only (under _lost_lock)
         self._lost_noted = 0  # of those, how many an audit_lost entry already counts (writer only)
         self._lost_lock = threading.Lock()
-        self._write_lock = threading.Lock()  # one batch at a time: the writer thread or flush()
-        self._db: sqlite3.Connection | None = None
+        self._write_lock = threading.Lock()  # one batch at a time: the sender thread or flush()
+        self._store = _Store(path)  # used in this process until start()
+        self._child: _Child | None = None
+        self._started = False  # batches go to the writer process (started again if it died)
         self._thread: threading.Thread | None = None
         self._closing = False
-        self._retained_at = -RETAIN_EVERY_S
         self._logged_at = -ERROR_LOG_S
         self.written = 0
         self.last_error: str | None = None
@@ -167,7 +144,7 @@ class AuditLog:
         latency_us: int = 0,
         detail: str = "",
     ) -> None:
-        """Append one entry to the buffer (~1 µs); the writer thread stores it. Never blocks or
+        """Append one entry to the buffer (~1 µs); the writer stores it. Never blocks or
         raises: beyond buffer_max entries in memory the entry is counted as lost. Fields that come
         from callers are truncated here, so a flood of long request ids cannot fill memory."""
         buf = self._buf
@@ -201,21 +178,24 @@ class AuditLog:
     # -- the writer ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open the file (created owner-only with its folder; OSError when it cannot be) and start
-        the writer thread, which also applies retention at once and then hourly."""
+        """Open the file (created owner-only with its folder; OSError when it cannot be), start the
+        writer process (which also applies retention at once and then hourly) and the sender thread."""
         with self._write_lock:
             self._open()
+            self._store.close()  # from now on the writer process holds the file
+            self._started = True
+            self._child = _Child(self.path, self.retention_days)
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
     def flush(self) -> int:
-        """Store every entry recorded before this call, now, from this thread; the entries stored.
+        """Store every entry recorded before this call, now (and wait for it); the entries stored.
         An error is logged and kept in stats()["last_error"]; the entries stay in memory."""
         with self._write_lock:
             return self._write_pending()
 
     def close(self) -> None:
-        """Stop the writer thread, store what is left, close the file."""
+        """Stop the sender thread, store what is left, stop the writer process, close the file."""
         self._closing = True
         self._wake.set()
         if self._thread is not None:
@@ -223,9 +203,13 @@ class AuditLog:
             self._thread = None
         with self._write_lock:
             self._write_pending()
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            if self._child is not None:
+                with contextlib.suppress(OSError, EOFError, pickle.PickleError):
+                    self._child.call(("exit",))
+                self._child.stop(kill=False)
+                self._child = None
+            self._started = False
+            self._store.close()
 
     def stats(self) -> dict[str, Any]:
         return {"written": self.written, "lost": self._lost, "pending": len(self._buf), "last_error": self.last_error}
@@ -237,67 +221,61 @@ class AuditLog:
         the remaining entries always form one chain from the boundary."""
         if self.retention_days <= 0:
             return 0
-        cutoff = (time.time_ns() if now_ns is None else now_ns) - self.retention_days * 86_400 * 10**9
+        cutoff = retention_cutoff(self.retention_days, now_ns)
         deleted = 0
         while True:
             with self._write_lock:  # a chunk at a time, the buffer stored between: entries keep flowing
                 self._write_pending()
-                try:
-                    db = self._open()
-                    db.execute("BEGIN IMMEDIATE")
+                if self._started:  # the writer process deletes every chunk
                     try:
-                        # the last of the next BATCH_MAX entries before the first one to keep
-                        last = db.execute(
-                            "SELECT MAX(seq) FROM (SELECT seq FROM entries WHERE seq < coalesce((SELECT seq FROM "
-                            "entries WHERE time_ns >= ? ORDER BY seq LIMIT 1), 1 << 62) ORDER BY seq LIMIT ?)",
-                            (cutoff, BATCH_MAX),
-                        ).fetchone()[0]
-                        if last is not None:
-                            (digest,) = db.execute("SELECT hash FROM entries WHERE seq = ?", (last,)).fetchone()
-                            deleted += db.execute("DELETE FROM entries WHERE seq <= ?", (last,)).rowcount
-                            db.execute(_SET_ANCHOR, ("boundary", last, digest))
-                        db.execute("COMMIT")
-                    except BaseException:
-                        with contextlib.suppress(sqlite3.Error):
-                            db.execute("ROLLBACK")
-                        raise
+                        return int(self._call(("retain", cutoff)))
+                    except Exception as exc:
+                        self._failed("retention", exc)
+                        return 0
+                try:
+                    count, last = self._store.retain_chunk(self._open(), cutoff)
                 except Exception as exc:  # retried within the hour; the writer goes on
                     self._failed("retention", exc)
                     return deleted
+                deleted += count
             if last is None:
                 return deleted
 
     def _run(self) -> None:
         while not self._closing:
-            if time.monotonic() - self._retained_at >= RETAIN_EVERY_S:
-                self._retained_at = time.monotonic()
-                self.retain()
             self._wake.wait(self.flush_s)
             self._wake.clear()
             with self._write_lock:
                 self._write_pending()
 
     def _open(self) -> sqlite3.Connection:
-        """The connection, opened (and the schema made) on first use or after an error."""
-        if self._db is not None:
-            return self._db
+        """The connection in this process, opened on first use or after an error."""
+        return self._store.open()
+
+    def _call(self, message: Any) -> Any:
+        """Send a request to the writer process (started again if it is not running) and return its
+        answer, after noting the errors it reports. OSError when the process is gone."""
+        if self._child is not None and self._child.process.poll() is not None:  # it died: a new one
+            self._child.stop(kill=False)
+            self._child = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives -wal and -shm these rights
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise OSError(f"cannot open the audit log: {exc}") from None
-        try:
-            db.execute("PRAGMA busy_timeout=5000")  # another process sharing the file may hold the lock
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            for statement in SCHEMA:
-                db.execute(statement)
-        except sqlite3.Error as exc:
-            db.close()
-            raise OSError(f"cannot open the audit log: {exc}") from None
-        self._db = db
-        return db
+            if self._child is None:
+                self._child = _Child(self.path, self.retention_days)
+            status, value, notes = self._child.call(message)
+        except (OSError, EOFError, pickle.PickleError, ValueError) as exc:
+            if self._child is not None:
+                self._child.stop(kill=True)
+                self._child = None
+            raise OSError(f"the audit writer process failed: {describe(exc)}") from None
+        if status == "failed":
+            for doing, reason in notes:
+                self._note(doing, reason)
+            raise _WriterError(value)
+        if message[0] == "write":
+            self._stored(int(value))
+        for doing, reason in notes:
+            self._note(doing, reason)
+        return value
 
     def _write_pending(self) -> int:
         """Store the buffer, BATCH_MAX entries to a transaction (caller holds _write_lock)."""
@@ -335,68 +313,33 @@ class AuditLog:
                 return written
 
     def _write(self, batch: list[Entry]) -> None:
-        db = self._open()
-        db.execute("BEGIN IMMEDIATE")
+        """Store one batch: in the writer process once started, else here. Raises on failure."""
+        if self._started:
+            self._call(("write", batch))
+            return
+        seq, digest = self._store.write(self._open(), batch)
+        self._stored(len(batch))
         try:
-            seq, digest = self._head(db)
-            rows: list[Any] = []
-            for values in batch:
-                values = _clean(values)
-                seq, prev = seq + 1, digest
-                digest = entry_hash(prev, seq, values)
-                rows.extend((seq, *values, prev, digest))
-                if len(rows) == YIELD_EVERY * 14:
-                    _insert(db, rows)
-                    rows = []
-                    time.sleep(0)  # hand the GIL back to the event loop between chunks
-            if rows:
-                _insert(db, rows)
-            db.execute(_SET_ANCHOR, ("head", seq, digest))
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
-        self.written += len(batch)
-        if self.last_error is not None:
-            log.warning("audit log writing again")
-            self.last_error = None
-        self._write_head_file(seq, digest)
-
-    def _head(self, db: sqlite3.Connection) -> tuple[int, str]:
-        """The chain's head, read inside the transaction: the anchor, else the later of the last entry
-        and the head file, so a deleted tail leaves a gap in seq for verify to name, not new entries."""
-        row = db.execute("SELECT seq, hash FROM anchor WHERE name = 'head'").fetchone()
-        if row is not None:
-            return int(row[0]), str(row[1])
-        row = db.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
-        head = (int(row[0]), str(row[1])) if row is not None else (0, GENESIS)
-        side = read_head_file(self.path)
-        return side if side is not None and side[0] > head[0] else head
-
-    def _write_head_file(self, seq: int, digest: str) -> None:
-        """`<audit file>.head`, replaced atomically after the commit: it may lag (a crash, another
-        process's later batch), never run ahead of the file, so it never raises a false alarm."""
-        target = head_file(self.path)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(orjson.dumps({"seq": seq, "hash": digest}))
-            os.replace(tmp, target)
+            self._store.write_head_file(seq, digest)
         except OSError as exc:
             self._failed("writing the head file", exc)
 
+    def _stored(self, count: int) -> None:
+        self.written += count
+        if self.last_error is not None:
+            log.warning("audit log writing again")
+            self.last_error = None
+
     def _failed(self, doing: str, exc: BaseException) -> None:
-        """One log line a minute at most, no path, no entry data; the connection (maybe what broke) reopens."""
-        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        reason = (text.splitlines() or [type(exc).__name__])[0][:200]
+        """Note the failure; the connection (maybe what broke) reopens."""
+        self._note(doing, describe(exc))
+        if isinstance(exc, sqlite3.Error):
+            self._store.close()
+
+    def _note(self, doing: str, reason: str) -> None:
+        """One log line a minute at most, no path, no entry data."""
         self.last_error = f"{doing}: {reason}"
         now = time.monotonic()
         if now - self._logged_at >= ERROR_LOG_S:
             self._logged_at = now
             log.error("audit log %s failed (%s); kept in memory and retried", doing, reason)
-        if isinstance(exc, sqlite3.Error) and self._db is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.close()
-            self._db = None

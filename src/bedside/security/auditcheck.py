@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import orjson
 
-from bedside.security.audit import FIELDS, GENESIS, entry_hash, head_file, read_head_file
+from bedside.security.auditstore import FIELDS, GENESIS, entry_hash, head_file, read_head_file
 
 _COLUMNS = ", ".join(("seq", *FIELDS, "prev_hash", "hash"))
 _FETCH = 10_000
