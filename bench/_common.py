@@ -35,6 +35,7 @@ import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
+import ssl  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -377,10 +378,21 @@ def _last_line(log: Any) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-def start_server(repo: Path, *extra: str, port: int | None = None, timeout: float = 60.0) -> tuple[Any, int]:
+def _ready(port: int, tls: ssl.SSLContext | None) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
+        sock = tls.wrap_socket(raw, server_hostname="127.0.0.1") if tls else raw
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        return sock.recv(64).startswith(b"HTTP/1.1 200")
+    return False
+
+
+def start_server(
+    repo: Path, *extra: str, port: int | None = None, timeout: float = 60.0, tls: ssl.SSLContext | None = None
+) -> tuple[Any, int]:
     """`bedside serve` on 127.0.0.1 (a free port unless `port`), HL7 and gRPC off unless `extra` names
-    their ports; returns once it is ready. A server that exits or is not ready in `timeout` s is a
-    RuntimeError naming its last line of output (e.g. the port it could not bind)."""
+    their ports; returns once it is ready (probed over TLS with `tls`, for a server given --tls-cert).
+    A server that exits or is not ready in `timeout` s is a RuntimeError naming its last line of
+    output (e.g. the port it could not bind)."""
     port = port or free_port()
     models = sorted(p.name for p in Path(repo).iterdir() if (p / "config.toml").is_file())
     what = ", ".join(models) if 0 < len(models) <= 3 else f"{len(models) or 'no'} models"
@@ -415,10 +427,8 @@ def start_server(repo: Path, *extra: str, port: int | None = None, timeout: floa
                 raise RuntimeError(f"bedside serve exited (code {code}) before it was ready: {_last_line(log)}")
             if time.monotonic() - started > timeout:
                 raise RuntimeError(f"bedside serve was not ready within {timeout:g} s: {_last_line(log)}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
-                if s.recv(64).startswith(b"HTTP/1.1 200") and proc.poll() is None:
-                    break
+            if _ready(port, tls) and proc.poll() is None:
+                break
             time.sleep(0.05)
     except BaseException:
         stop(proc, 5.0)
@@ -428,9 +438,9 @@ def start_server(repo: Path, *extra: str, port: int | None = None, timeout: floa
 
 
 @contextlib.contextmanager
-def server(repo: Path, *extra: str) -> Iterator[tuple[Any, int]]:
+def server(repo: Path, *extra: str, tls: ssl.SSLContext | None = None) -> Iterator[tuple[Any, int]]:
     """start_server, stopped (SIGTERM, then SIGKILL after 10 s) when the block ends, however it ends."""
-    proc, port = start_server(repo, *extra)
+    proc, port = start_server(repo, *extra, tls=tls)
     try:
         yield proc, port
     finally:

@@ -27,15 +27,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import socket
 import sqlite3
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # first: from here on a Ctrl-C ends the script without a traceback
     NAME,
     BlockingClient,
-    _last_line,
     _response_complete,
     _status,
     console,
@@ -54,10 +51,9 @@ from _common import (  # first: from here on a Ctrl-C ends the script without a 
     machine,
     main_guard,
     parse_args,
-    popen,
     run_async,
     say,
-    stop,
+    server,
     summarize,
     table,
     write_results,
@@ -80,45 +76,6 @@ TARGET_ADDED_P50_MS = 0.1
 
 
 # --- the server ---------------------------------------------------------------------------------
-
-
-def _ready(port: int, context: ssl.SSLContext | None) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
-        sock = context.wrap_socket(raw, server_hostname="127.0.0.1") if context else raw
-        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
-        return sock.recv(64).startswith(b"HTTP/1.1 200")
-    return False
-
-
-@contextlib.contextmanager
-def serving(repo: Path, extra: list[str], context: ssl.SSLContext | None, timeout: float = 60.0) -> Iterator[Any]:
-    """_common.server, with a readiness probe that speaks TLS when the server does (the shared one
-    sends plain HTTP). Yields (process, HTTP port); stopped when the block ends, however it ends."""
-    port = free_port()
-    say(f"{NAME}: starting bedside on 127.0.0.1:{port}{' (TLS)' if context else ''} ({MODEL})...")
-    log = tempfile.TemporaryFile()  # noqa: SIM115 (kept with the process: its last line explains a failure)
-    started = time.monotonic()
-    args = [sys.executable, "-m", "bedside", "serve", "-r", str(repo), "--port", str(port), "--log-level", "warning"]
-    proc = popen(
-        [*args, "--mllp-port", "-1", *extra],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ),
-    )
-    proc.bench_log = log  # type: ignore[attr-defined]
-    try:
-        while not (_ready(port, context) and proc.poll() is None):
-            if proc.poll() is not None:
-                code = proc.returncode
-                raise RuntimeError(f"bedside serve exited (code {code}) before it was ready: {_last_line(log)}")
-            if time.monotonic() - started > timeout:
-                raise RuntimeError(f"bedside serve was not ready within {timeout:g} s: {_last_line(log)}")
-            time.sleep(0.05)  # polling for readiness, not waiting for a result
-        say(f"  ready in {time.monotonic() - started:.1f} s")
-        yield proc, port
-    finally:
-        stop(proc)
 
 
 # --- REST: plain or TLS keep-alive clients ------------------------------------------------------
@@ -338,7 +295,7 @@ def run_config(
     rest, grpc_req = requests["rest"], requests["grpc"]
     checks: dict[str, Any] = {"config": config}
     rows = []
-    with serving(repo, extra, context) as (proc, port):
+    with server(repo, *extra, tls=context) as (proc, port):
         if auth:  # really on: no token, no answer
             rest_code = rest_status(port, requests["rest_no_token"], context)
             grpc_code = grpc_refused(target, grpc_req, credentials)

@@ -43,6 +43,7 @@ from bedside.streams import ingest
 from bedside.streams.hl7v2 import Observation
 from bedside.streams.journal import JOURNAL_FILE, JournalWriter, Skipped, read_rows, reseal_rows
 from tests.models import SCALE_CONFIG, scale_model, write_config
+from tests.test_journal import write_all
 
 NOW = time.time()
 BED, HEART_RATE = "ICU-SECRET-7", 137.625  # what must not be found in clear on disk
@@ -291,15 +292,7 @@ def test_an_encrypted_model_without_a_configured_key_says_so(tmp_path):
 
 def write_journal(path: Path, keys: KeyRing | None, messages: list[tuple[str, list[Observation]]]) -> JournalWriter:
     writer = JournalWriter(path, "normal", keys=keys)
-
-    async def main() -> None:
-        writer.start()
-        try:
-            await asyncio.gather(*(writer.write(bed, obs) for bed, obs in messages))
-        finally:
-            writer.close()
-
-    asyncio.run(main())
+    write_all(writer, messages)
     return writer
 
 
