@@ -204,6 +204,62 @@ class SecuritySettings:
     )
 
 
+def parse_window(text: str) -> tuple[int, int] | None:
+    """'HH:MM-HH:MM' as (start, end) minutes after midnight (end < start: the window spans midnight);
+    None for an empty text (any time). ValueError says what is wrong."""
+    if not text.strip():
+        return None
+    parts = text.strip().split("-")
+    if len(parts) != 2:
+        raise ValueError("one '-' between two times")
+    minutes = []
+    for part in parts:
+        hh, sep, mm = part.strip().partition(":")
+        if not (sep and hh.isascii() and hh.isdigit() and mm.isascii() and mm.isdigit() and len(mm) == 2):
+            raise ValueError(f"{part.strip()!r} is not HH:MM")
+        if int(hh) > 23 or int(mm) > 59:
+            raise ValueError(f"{part.strip()!r} is not a time of day")
+        minutes.append(int(hh) * 60 + int(mm))
+    if minutes[0] == minutes[1]:
+        raise ValueError("an empty window")
+    return minutes[0], minutes[1]
+
+
+def _window(value: str) -> str | None:
+    try:
+        parse_window(value)
+    except ValueError as exc:
+        return f"must be HH:MM-HH:MM (local time) or empty: {exc}"
+    return None
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    url: str = _opt("", "signed update repository (TUF) the agent polls, http(s)://HOST/PATH; empty: no agent")
+    root: str = _opt("", "the update repository's first root.json, the device's trust anchor (copied on first use)")
+    device_id: str = _opt("", "this box's id in rollouts and reports; empty: one made up once, kept in STATE_DIR")
+    groups: str = _opt("", "named rollout groups this box belongs to, comma-separated (e.g. icu,canary)")
+    poll_s: float = _opt(300.0, "seconds between two checks of the update repository", 1, 86_400)
+    window: str = _opt(
+        "",
+        "maintenance window HH:MM-HH:MM, local time, when updates download and install (urgent ones: always); "
+        "empty: any time",
+        check=_window,
+    )
+    rate_kb_s: int = _opt(0, "download rate limit, KiB/s (metadata and models together); 0: none", 0, 10**7)
+    max_download_mb: int = _opt(
+        2048, "largest file an update may download, MiB (a bigger target is refused)", 1, 1 << 20
+    )
+    watch_s: float = _opt(300.0, "a new version takes traffic under watch this long before it is kept", 0, 604_800)
+    watch_max_error_rate: float = _opt(0.01, "failed / all requests under watch above this: rolled back", 0, 1)
+    watch_min_requests: int = _opt(20, "requests under watch before the error rate is judged", 1, 10**9)
+    max_latency_ms: float = _opt(
+        100.0, "p99 latency bound of a new version when its golden file names none (checks and watch)", 0.01, 60_000
+    )
+    report_url: str = _opt("", "where this box POSTs its de-identified update health; empty: not reported")
+    timeout_s: float = _opt(30.0, "network timeout of one update request", 1, 3600)
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -213,6 +269,7 @@ class Settings:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    updates: UpdateSettings = field(default_factory=UpdateSettings)
 
     def replace(self, values: Mapping[str, Any]) -> Settings:
         """A copy with `section.key` values set (strings are parsed and every value checked)."""

@@ -18,6 +18,7 @@ from typing import NoReturn
 
 from bedside import __version__
 from bedside.dataplane.access import ADMIN, DESCRIBE, INFER, MONITOR, NO_TENANT, Access, restricted
+from bedside.dataplane.lifecycle import Lifecycle
 from bedside.dataplane.stats import version_statistics
 from bedside.dataplane.types import (
     CallContext,
@@ -64,9 +65,14 @@ class Dataplane:
         key ring that opens encrypted models (`model.onnx.enc`), decrypted into memory only."""
         self._scheduler = Scheduler(limits.max_tenants)
         self._manager = RepositoryManager(
-            ModelStore(repository, keys=keys), self._scheduler.attach, self._scheduler.detach, limits.max_tenant_stats
+            ModelStore(repository, keys=keys),
+            self._scheduler.attach,
+            self._scheduler.detach,
+            limits.max_tenant_stats,
+            self._scheduler.pin,
         )
         self.access = access or Access()
+        self.lifecycle = Lifecycle(self._manager, self.access)  # the update agent's admin calls
         self._audit = self.access.audit
         self._started = False
 

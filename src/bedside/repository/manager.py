@@ -3,6 +3,10 @@
 A model that fails (bad config, missing or corrupt file, graph mismatch) is marked UNAVAILABLE with
 the reason, and every other model keeps serving. A reload that fails keeps the versions that were
 already serving, so a bad push never takes a working model off the air.
+
+A model whose folder has a serving state (repository/serving.py, written by the update agent) loads
+the version it names, and while a new version is watched, the one before it too; `stage`, `promote`
+and `retire` let the agent bring a version in beside the serving one and switch traffic to it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from bedside.errors import BedsideError, ModelLoadError, model_not_found
 from bedside.modelconfig.graph import check_against_graph, infer_config
 from bedside.modelconfig.model import ModelConfig
 from bedside.monitoring.latency import MAX_TENANTS, ModelStats
+from bedside.repository.serving import ServingState, read_state
 from bedside.repository.store import ModelStore
 from bedside.runtime.session import OnnxModel, graph_io, open_session
 
@@ -55,14 +60,27 @@ class ModelEntry:
 
 Attach = Callable[[OnnxModel, ModelStats], None]
 Detach = Callable[[str, int], None]
+Pin = Callable[[str, int | None], None]
+
+
+def _no_pin(name: str, version: int | None) -> None:
+    return None
 
 
 class RepositoryManager:
-    def __init__(self, store: ModelStore, attach: Attach, detach: Detach, max_tenant_stats: int = MAX_TENANTS) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        attach: Attach,
+        detach: Detach,
+        max_tenant_stats: int = MAX_TENANTS,
+        pin: Pin = _no_pin,
+    ) -> None:
         self.store = store
         self.max_tenant_stats = max_tenant_stats
         self._attach = attach
         self._detach = detach
+        self._pin = pin
         self._entries: dict[str, ModelEntry] = {}
         self._lock = threading.Lock()  # one load or unload at a time; reads need no lock
 
@@ -127,9 +145,68 @@ class RepositoryManager:
                     if version not in new.versions:
                         new.versions[version] = _retired(status, "not selected by the version policy any more")
             self._entries[name] = new
+            state = self.state(name)
+            self._pin(name, state.version if state is not None and state.version in ready else None)
         if not ready:
             raise ModelLoadError(f"model {name!r} is unavailable: {new.reason}")
         return new
+
+    def state(self, name: str) -> ServingState | None:
+        """The model's serving state on disk (None: none, or unreadable)."""
+        return read_state(self.store.root / name)
+
+    # -- what the update agent does, inside the running server ----------------------------------
+
+    def stage(self, name: str, version: int) -> VersionStatus:
+        """Load `version` beside what serves, without taking traffic: READY with its model (for the
+        agent's checks), or UNAVAILABLE with the reason. Nothing changes until `promote`."""
+        entry = self._entries.get(name) or ModelEntry(name)
+        probe = ModelEntry(name, entry.config)
+        try:
+            if probe.config is None:
+                probe.config = self.store.config(name)
+        except BedsideError as exc:
+            return VersionStatus(version, State.UNAVAILABLE, exc.message)
+        return self._load_version(probe, version)
+
+    def promote(self, name: str, status: VersionStatus) -> None:
+        """Put a staged version on the air and send unversioned requests to it (its state file is
+        written first by the caller, so a restart finds the same). The other versions stay attached."""
+        assert status.model is not None and status.state is State.READY
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                entry = self._entries[name] = ModelEntry(name, status.model.config)
+            if entry.config is None:
+                entry.config = status.model.config
+            old = entry.versions.get(status.version)
+            if old is not None and old.state is State.READY:
+                self._detach(name, status.version)  # a version staged twice: the new session replaces it
+            self._attach(status.model, status.stats)
+            entry.versions[status.version] = status
+            entry.state, entry.reason = State.READY, ""
+            self._pin(name, status.version)
+
+    def pin(self, name: str, version: int) -> None:
+        """Send unversioned requests to `version`, which must be READY (the rollback switch)."""
+        with self._lock:
+            entry = self.entry(name)
+            if version not in entry.ready_versions():
+                raise ModelLoadError(f"{name} v{version} is not loaded; it serves {entry.ready_versions()}")
+            self._pin(name, version)
+
+    def retire(self, name: str, version: int, reason: str) -> None:
+        """Take one version off the air (queued requests finish; new ones go to the pinned version)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            status = entry.versions.get(version) if entry is not None else None
+            if entry is None or status is None:
+                return
+            if status.state is State.READY:
+                self._detach(name, version)
+            entry.versions[version] = _retired(status, reason)
+            if not entry.ready_versions():
+                entry.state, entry.reason = State.UNAVAILABLE, reason
 
     def unload(self, name: str) -> None:
         with self._lock:
@@ -148,9 +225,16 @@ class RepositoryManager:
             versions = self.store.versions(name)
             if not versions:
                 raise ModelLoadError(f"no version folders (1/, 2/, ...) under {name}/")
-            wanted = (
-                entry.config.version_policy if entry.config else infer_config(name, [], []).version_policy
-            ).select(versions)
+            state = self.state(name)
+            if state is not None and state.version in versions:
+                # under update control: the version the state file names, and while it is watched the
+                # one it replaced (loaded, so a rollback is a pin, not a load)
+                watched = state.phase == "watching" and state.previous in versions
+                wanted = sorted({state.version, *([state.previous] if watched and state.previous else [])})
+            else:
+                wanted = (
+                    entry.config.version_policy if entry.config else infer_config(name, [], []).version_policy
+                ).select(versions)
             if not wanted:
                 raise ModelLoadError(f"version policy selects none of the versions on disk {versions}")
         except BedsideError as exc:

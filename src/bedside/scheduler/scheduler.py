@@ -1,5 +1,6 @@
-"""Route each request to the queue of its model version (the newest ready one when no version is
-named). Attach and detach happen on load and unload; detaching lets queued work finish."""
+"""Route each request to the queue of its model version (when no version is named: the pinned one,
+else the newest ready one). Attach and detach happen on load and unload; detaching lets queued work
+finish. A pin is how an update switches traffic: one dict assignment, between two requests."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class Scheduler:
         self.max_tenants = max_tenants
         self._queues: dict[tuple[str, int], ModelQueue] = {}
         self._latest: dict[str, ModelQueue] = {}
+        self._pins: dict[str, int] = {}  # model -> the version that answers unversioned requests
         self._lock = threading.Lock()
 
     def attach(self, model: OnnxModel, stats: ModelStats) -> None:
@@ -34,9 +36,21 @@ class Scheduler:
         if old is not None:
             old.close()
 
+    def pin(self, name: str, version: int | None) -> None:
+        """Send requests that name no version to `version` (None: to the newest again)."""
+        with self._lock:
+            if version is None:
+                self._pins.pop(name, None)
+            else:
+                self._pins[name] = version
+            self._refresh_latest(name)
+
     def _refresh_latest(self, name: str) -> None:
         versions = [v for (n, v) in self._queues if n == name]
-        if versions:
+        pinned = self._pins.get(name)
+        if pinned in versions:
+            self._latest[name] = self._queues[(name, pinned)]
+        elif versions:
             self._latest[name] = self._queues[(name, max(versions))]
         else:
             self._latest.pop(name, None)
