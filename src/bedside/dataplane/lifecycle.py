@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from bedside.dataplane.access import Access
+from bedside.dataplane.access import ADMIN, Access
 from bedside.errors import ModelLoadError
 from bedside.monitoring.latency import ModelStats
-from bedside.protocol.types import ADMIN, Caller
+from bedside.protocol.types import Caller
 from bedside.repository.manager import RepositoryManager, State, VersionStatus
 from bedside.repository.serving import ServingState
 
@@ -43,6 +43,10 @@ class Lifecycle:
 
     def promote(self, name: str, status: VersionStatus, caller: Caller) -> None:
         self._admin(caller, "promote", name, lambda: self._manager.promote(name, status))
+
+    def load(self, name: str, caller: Caller) -> None:
+        """Load a model the agent has just placed in the repository, as its state file says."""
+        self._admin(caller, "load", name, lambda: self._manager.load(name))
 
     def pin(self, name: str, version: int, caller: Caller) -> None:
         self._admin(caller, "pin", name, lambda: self._manager.pin(name, version))
