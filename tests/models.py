@@ -96,3 +96,10 @@ def rhythm_config(labels: list[str] | None, samples: int = 1250) -> str:
     if labels:
         text += "[contract]\nlabels = [" + ", ".join(f'"{label}"' for label in labels) + "]\n"
     return text
+
+
+def log_model(path: Path, width: int = 4) -> Path:
+    """y = log(x), x: FP32 [batch, width]: right for x > 0, NaN below (a model that degrades on real traffic)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])
+    return _save(helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "log", [x], [y]), path)

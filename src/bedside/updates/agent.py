@@ -312,9 +312,11 @@ class UpdateAgent:
         stats = self.lifecycle.stats(name, state.version)
         reason = ""
         if stats is not None:
-            total = stats.failures + stats.request.count
+            # a NaN or infinite answer is refused to the caller (NonFiniteOutput): a wrong answer, so an error here
+            errors = stats.failures + stats.rejected.get("NonFiniteOutput", 0)
+            total = errors + stats.request.count
             if total >= self.settings.watch_min_requests:
-                rate = stats.failures / total
+                rate = errors / total
                 p99 = stats.request.summary().get("p99_ms", 0.0)
                 if rate > self.settings.watch_max_error_rate:
                     reason = f"error rate {rate:.1%} over {total} requests under watch"

@@ -1,0 +1,83 @@
+"""Signed model updates end to end on loopback: a publisher's TUF repository served over HTTP, and a
+box's agent that verifies, installs beside, checks, switches, watches and rolls back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+
+from bedside.protocol.types import InferRequest
+from bedside.repository.serving import read_state
+from tests.fleet import box, golden_for, log_bytes, scale_bytes, update_server
+
+
+def answer(dataplane, x: float = 1.0) -> float:
+    request = InferRequest({"x": np.full((1, 4), x, np.float32)})
+    return float(asyncio.run(dataplane.infer("scale", None, request)).outputs["y"][0, 0])
+
+
+def test_a_new_model_arrives_then_a_delta_update_switches_it(tmp_path):
+    with update_server(tmp_path / "pub") as server:
+        v1 = server.publish("scale", scale_bytes(tmp_path, 2.0))
+        server.roll_out("scale", v1)
+        with box(tmp_path / "box", server) as (dataplane, agent):
+            [first] = agent.check()
+            assert (first.action, first.serving, first.delta) == ("installed", 1, False)
+            assert answer(dataplane) == 2.0
+            v2 = server.publish("scale", scale_bytes(tmp_path, 3.0))
+            server.roll_out("scale", v2)
+            [second] = agent.check()
+            assert (second.action, second.serving, second.delta) == ("installed", 2, True)
+            assert second.golden and second.golden["passed"]
+            assert answer(dataplane) == 3.0
+            assert read_state(tmp_path / "box" / "models" / "scale").version == 2
+            [again] = agent.check()
+            assert again.action == "up-to-date"
+
+
+def test_a_version_that_fails_its_golden_check_is_refused_and_the_old_one_serves(tmp_path):
+    with update_server(tmp_path / "pub") as server:
+        server.roll_out("scale", server.publish("scale", scale_bytes(tmp_path, 2.0)))
+        with box(tmp_path / "box", server) as (dataplane, agent):
+            agent.check()
+            wrong = golden_for(scale_bytes(tmp_path, 5.0))  # golden outputs of another model
+            v2 = server.publish("scale", scale_bytes(tmp_path, 3.0), golden=wrong)
+            server.roll_out("scale", v2)
+            [outcome] = agent.check()
+            assert outcome.action == "refused" and "golden check failed" in outcome.reason
+            assert answer(dataplane) == 2.0
+            state = read_state(tmp_path / "box" / "models" / "scale")
+            assert state.version == 1 and "2" in state.refused
+            assert not (tmp_path / "box" / "models" / "scale" / "2").exists()
+            [again] = agent.check()
+            assert again.action == "refused" and again.reason.startswith("refused before")
+
+
+def test_a_version_that_degrades_under_watch_is_rolled_back(tmp_path):
+    with update_server(tmp_path / "pub") as server:
+        server.roll_out("scale", server.publish("scale", scale_bytes(tmp_path, 2.0)))
+        with box(tmp_path / "box", server, watch_s=3600.0, watch_min_requests=10) as (dataplane, agent):
+            agent.check()
+            positive = json.loads(golden_for(log_bytes(tmp_path)))
+            for case in positive["cases"]:  # golden inputs where log() is right
+                case["inputs"]["x"]["data"] = [abs(v) + 0.5 for v in case["inputs"]["x"]["data"]]
+                case["outputs"]["y"]["data"] = [float(np.log(np.float32(v))) for v in case["inputs"]["x"]["data"]]
+            v2 = server.publish("scale", log_bytes(tmp_path), golden=json.dumps(positive).encode())
+            server.roll_out("scale", v2)
+            [outcome] = agent.check()
+            assert outcome.action == "watching"
+            assert answer(dataplane, 1.0) == 0.0  # log(1) from v2
+            failed = 0
+            for _ in range(20):  # real traffic has negative values: NaN answers, refused to the caller
+                try:
+                    answer(dataplane, -1.0)
+                except Exception:
+                    failed += 1
+            assert failed == 20
+            [verdict] = agent.watch()
+            assert verdict.action == "rolled-back" and "error rate" in verdict.reason
+            assert answer(dataplane, 1.0) == 2.0
+            state = read_state(tmp_path / "box" / "models" / "scale")
+            assert (state.version, state.phase) == (1, "serving") and "2" in state.refused
