@@ -25,7 +25,7 @@ from tests.models import SCALE_CONFIG, log_model, scale_model
 
 
 def scale_bytes(tmp: Path, factor: float) -> bytes:
-    return scale_model(tmp / f"scale-{factor}.onnx", factor=factor).read_bytes()
+    return scale_model(tmp / f"scale-{factor}.onnx", factor=factor, weights=20_000).read_bytes()
 
 
 def log_bytes(tmp: Path) -> bytes:

@@ -33,13 +33,25 @@ def _save(graph: onnx.GraphProto, path: Path, opset: int = 17) -> Path:
     return path
 
 
-def scale_model(path: Path, width: int = 4, factor: float = 2.0, batch: str | int = "batch") -> Path:
-    """y = x * factor, x: FP32 [batch, width]."""
+def scale_model(path: Path, width: int = 4, factor: float = 2.0, batch: str | int = "batch", weights: int = 0) -> Path:
+    """y = x * factor, x: FP32 [batch, width]. `weights`: that many more fixed FP32 values, added to y
+    as zeros, so the file has the bulk of a real model whose other weights do not change."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, width])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, width])
     k = helper.make_tensor("k", TensorProto.FLOAT, [], [factor])
-    node = helper.make_node("Mul", ["x", "k"], ["y"])
-    return _save(helper.make_graph([node], "scale", [x], [y], [k]), path)
+    if not weights:
+        node = helper.make_node("Mul", ["x", "k"], ["y"])
+        return _save(helper.make_graph([node], "scale", [x], [y], [k]), path)
+    values = [((i * 7919) % 1000) / 1000.0 for i in range(weights)]
+    w = helper.make_tensor("w", TensorProto.FLOAT, [weights], values)
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    nodes = [
+        helper.make_node("ReduceSum", ["w"], ["w_sum"], keepdims=0),
+        helper.make_node("Mul", ["w_sum", "zero"], ["nothing"]),
+        helper.make_node("Mul", ["x", "k"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "nothing"], ["y"]),
+    ]
+    return _save(helper.make_graph(nodes, "scale", [x], [y], [k, w, zero]), path)
 
 
 def all_types_model(path: Path) -> Path:

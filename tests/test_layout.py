@@ -26,6 +26,7 @@ RANK = {
     "scheduler": 4,
     "dataplane": 5,
     "alerts": 6,
+    "updates": 6,
     "streams": 7,
     "server": 8,
     # not serving: data generation, model building, client tools, the command line
@@ -38,7 +39,7 @@ RANK = {
 }
 SERVING = {"errors", "settings", "protocol", "clinical", "modelconfig", "monitoring", "security", "runtime"}
 SERVING |= {"repository"}
-SERVING |= {"scheduler", "dataplane", "alerts", "streams", "server"}
+SERVING |= {"scheduler", "dataplane", "alerts", "streams", "server", "updates"}
 NOT_FOR_SERVING = {"synthetic", "pipeline", "models", "tools", "cli"}
 WIRE_MODULES = {"uvicorn", "grpc", "starlette", "websockets", "h11", "httptools"}
 ASGI_EVENTS = ("http.response.", "http.request", "http.disconnect", "websocket.", "lifespan.")

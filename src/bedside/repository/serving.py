@@ -93,4 +93,3 @@ def fsync_tree(folder: Path) -> None:
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
     fsync_dir(folder)
-

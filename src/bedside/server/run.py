@@ -20,16 +20,18 @@ import uvicorn
 
 from bedside.dataplane import Dataplane
 from bedside.dataplane.access import Access
+from bedside.errors import BedsideError
 from bedside.monitoring import redact
 from bedside.security.audit import AuditLog
 from bedside.security.callers import CallerRegistry, CallersError
-from bedside.security.keys import KeyProviderError, load_keyring
+from bedside.security.keys import KeyProviderError, KeyRing, load_keyring
 from bedside.security.tls import TLSConfigError, grpc_credentials_args, server_context
 from bedside.server.connections import PeerWebSocketProtocol, protocol_for
 from bedside.server.rest import App
 from bedside.settings import SecuritySettings, Settings, audit_path, callers_path, state_dir
 from bedside.streams.mllp_auth import listener_security
 from bedside.streams.service import Streams
+from bedside.updates.agent import UpdateAgent
 
 log = logging.getLogger("bedside.server")
 
@@ -216,6 +218,7 @@ async def _serve(repository: Path, settings: Settings) -> None:
     sock = _bind(server.host, server.http_port)
     grpc_server = None
     loading: asyncio.Future[None] | None = None
+    agent: UpdateAgent | None = None
     try:
         if streams is not None:
             try:
@@ -239,8 +242,11 @@ async def _serve(repository: Path, settings: Settings) -> None:
                 )
             except OSError as exc:
                 raise StartupError(f"gRPC: {exc}; choose another with {_LISTENERS['gRPC']}") from None
+        agent = _update_agent(repository, settings, dataplane, keys, audit)  # before loading: it cleans up
         loading = asyncio.get_running_loop().run_in_executor(None, dataplane.start)
         loading.add_done_callback(_report_loading)
+        if agent is not None:
+            loading.add_done_callback(lambda _: agent.start())
         await http.serve(sockets=[sock])
     finally:
         sock.close()
@@ -251,9 +257,24 @@ async def _serve(repository: Path, settings: Settings) -> None:
         if loading is not None:
             with contextlib.suppress(Exception):  # already reported by _report_loading
                 await loading
+        if agent is not None:
+            agent.stop()
         dataplane.close()
         if audit is not None:
             audit.close()  # what is still in memory is written before the process ends
+
+
+def _update_agent(
+    repository: Path, settings: Settings, dataplane: Dataplane, keys: KeyRing | None, audit: AuditLog | None
+) -> UpdateAgent | None:
+    """The over-the-air update agent when updates.url is set; it starts once the models are in."""
+    if not settings.updates.url:
+        return None
+    state = state_dir(settings.streams.state_dir, os.environ) / "updates"
+    try:
+        return UpdateAgent(settings.updates, state, repository, keys=keys, audit=audit, lifecycle=dataplane.lifecycle)
+    except BedsideError as exc:
+        raise StartupError(f"updates: {exc.message}") from None
 
 
 def _expanded(path: str) -> str | None:

@@ -92,7 +92,9 @@ class UpdateAgent:
         self.source = UpdateSource(
             settings.url, state, trusted, rate, settings.timeout_s, settings.max_download_mb << 20
         )
-        self.reporter = Reporter(settings.report_url, self.device_id, self.source.fetcher.pool, settings.timeout_s)
+        self.reporter = Reporter(
+            settings.report_url, self.device_id, self.groups, self.source.fetcher.pool, settings.timeout_s
+        )
         self._watched: dict[str, _Watched] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from bedside.errors import InvalidInput
 from bedside.modelconfig.model import ModelConfig
 from bedside.protocol.datatypes import numpy_dtype
 
@@ -24,7 +25,7 @@ LATENCY_RUNS = 50  # single-case runs timed for the latency bound (after one war
 MAX_CASES = 64
 
 
-class GoldenError(ValueError):
+class GoldenError(InvalidInput):
     """A golden file that cannot be used; the message says why."""
 
 

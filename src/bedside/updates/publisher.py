@@ -33,6 +33,7 @@ from tuf.api.metadata import (
     Timestamp,
 )
 
+from bedside.errors import InvalidInput
 from bedside.repository.serving import write_atomic
 from bedside.updates.rollout import PLAN_TARGET, RolloutPlan, check_name
 
@@ -40,10 +41,13 @@ ROLES = ("root", "targets", "snapshot", "timestamp")
 EXPIRY_DAYS = {"root": 365.0, "targets": 90.0, "snapshot": 7.0, "timestamp": 1.0}
 KEYS_FILE = "keys.json"
 DELTA_SUFFIX = ".bsdiff"
+# A delta is published only when it saves a fifth or more: a retrain that moves every weight gives a
+# delta of ~95 % of the model (bench/update_delta.py), not worth a second file and a patch on the box.
+DELTA_WORTH = 0.8
 SPEC = SPECIFICATION_VERSION
 
 
-class PublishError(ValueError):
+class PublishError(InvalidInput):
     """What the publisher cannot do; the message says why."""
 
 
@@ -60,13 +64,15 @@ def _now() -> datetime:
 
 
 class Publisher:
-    def __init__(self, repo: Path, keys: Path, expiry_days: dict[str, float] | None = None) -> None:
-        self.repo, self.keys = Path(repo), Path(keys)
+    def __init__(self, repo: Path, keys: Path | None, expiry_days: dict[str, float] | None = None) -> None:
+        """`keys`: None to read only (a rollout's status); signing then says a keys folder is needed."""
+        self.repo = Path(repo)
+        self.keys = Path(keys) if keys is not None else self.repo / ".no-keys-given"
         self.expiry = {**EXPIRY_DAYS, **(expiry_days or {})}
         self.meta = self.repo / "metadata"
         self.files = self.repo / "targets"
         try:
-            inside = self.keys.resolve().is_relative_to(self.repo.resolve())
+            inside = keys is not None and self.keys.resolve().is_relative_to(self.repo.resolve())
         except OSError:
             inside = False
         if inside:
@@ -120,7 +126,9 @@ class Publisher:
         if published:
             base = published[-1]
             old = self._stored(targets.targets[model_target(name, base, "model.onnx")]).read_bytes()
-            self._add(targets, delta_target(name, version, base), bsdiff4.diff(old, files["model.onnx"]))
+            delta = bsdiff4.diff(old, files["model.onnx"])
+            if len(delta) <= DELTA_WORTH * len(files["model.onnx"]):
+                self._add(targets, delta_target(name, version, base), delta)
         self._publish(targets)
         return version
 

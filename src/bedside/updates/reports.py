@@ -35,9 +35,12 @@ DEVICES_MAX = 100_000  # boxes whose reports one folder keeps
 
 
 class Reporter:
-    def __init__(self, url: str, device_id: str, pool: urllib3.PoolManager, timeout_s: float) -> None:
+    def __init__(
+        self, url: str, device_id: str, groups: frozenset[str], pool: urllib3.PoolManager, timeout_s: float
+    ) -> None:
         self.url = url.rstrip("/")
         self.device_id = device_id
+        self.groups = sorted(groups)
         self.pool = pool
         self.timeout_s = timeout_s
         self.pending: bytes | None = None
@@ -49,6 +52,7 @@ class Reporter:
             self.last[outcome.model] = asdict(outcome)
         report = {
             "device": self.device_id,
+            "groups": self.groups,
             "at": time.time(),
             "bedside": __version__,
             "serving": states,

@@ -12,12 +12,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bedside.errors import InvalidInput
+
 PLAN_TARGET = "rollout.json"
 MODEL_FILES = ("model.onnx", "config.toml", "MODEL_CARD.md", "golden.json")  # what a published version holds
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
-class PlanError(ValueError):
+class PlanError(InvalidInput):
     """A rollout plan, stage or device id that cannot be used; the message says why."""
 
 

@@ -17,7 +17,7 @@ from tuf.ngclient import TargetFile, Updater, UpdaterConfig
 from bedside.errors import BedsideError
 from bedside.updates.fetch import Fetcher, RateLimit
 from bedside.updates.publisher import delta_target, model_target
-from bedside.updates.rollout import PLAN_TARGET, RolloutPlan
+from bedside.updates.rollout import PLAN_TARGET, PlanError, RolloutPlan
 
 TUF_ERRORS = (tuf_errors.RepositoryError, tuf_errors.DownloadError)
 
@@ -77,6 +77,8 @@ class UpdateSource:
             return None if info is None else RolloutPlan.from_json(self._download(info))
         except TUF_ERRORS as exc:
             raise UpdateRefused(f"update metadata refused ({describe(exc)})") from None
+        except PlanError as exc:
+            raise UpdateRefused(f"the signed rollout plan cannot be used ({exc.message})") from None
 
     def info(self, path: str) -> TargetFile | None:
         assert self._updater is not None, "refresh() first"
