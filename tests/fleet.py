@@ -83,13 +83,14 @@ def settings(server: UpdateServer, **values: Any) -> UpdateSettings:
 
 
 @contextmanager
-def box(root: Path, server: UpdateServer, **values: Any) -> Iterator[tuple[Dataplane, UpdateAgent]]:
+def box(root: Path, server: UpdateServer, clock: Any = None, **values: Any) -> Iterator[tuple[Dataplane, UpdateAgent]]:
     """A bedside dataplane on `root/models` with an update agent inside it, as `bedside serve` runs them."""
     repository = root / "models"
     repository.mkdir(parents=True, exist_ok=True)
     dataplane = Dataplane(repository)
     dataplane.start()
-    agent = UpdateAgent(settings(server, **values), root / "state", repository, lifecycle=dataplane.lifecycle)
+    extra = {"clock": clock} if clock is not None else {}
+    agent = UpdateAgent(settings(server, **values), root / "state", repository, lifecycle=dataplane.lifecycle, **extra)
     try:
         yield dataplane, agent
     finally:

@@ -333,7 +333,9 @@ class UpdateAgent:
         self.lifecycle.retire(name, state.previous, f"replaced by v{state.version}", AGENT)
         self._watched.pop(name, None)
         self._audit("update-keep", name, state.version, "ok", f"watched, v{state.previous} retired")
-        return Outcome(name, "kept", state.version, state.version)
+        outcome = Outcome(name, "kept", state.version, state.version)
+        self.reporter.send([outcome], self._states())
+        return outcome
 
     def rollback(self, name: str, reason: str) -> Outcome:
         """Back to the version before: the state file first, then traffic, then the new one retired."""
