@@ -81,3 +81,32 @@ def test_a_version_that_degrades_under_watch_is_rolled_back(tmp_path):
             assert answer(dataplane, 1.0) == 2.0
             state = read_state(tmp_path / "box" / "models" / "scale")
             assert (state.version, state.phase) == (1, "serving") and "2" in state.refused
+
+
+def test_every_step_is_audited_with_versions_and_reasons(tmp_path):
+    import sqlite3
+
+    from bedside.security.audit import AuditLog
+    from bedside.updates.agent import UpdateAgent
+    from tests.fleet import settings
+
+    with update_server(tmp_path / "pub") as server:
+        server.roll_out("scale", server.publish("scale", scale_bytes(tmp_path, 2.0)))
+        audit = AuditLog(tmp_path / "audit.sqlite", buffer_max=1000, flush_ms=10, retention_days=0)
+        repository = tmp_path / "models"
+        repository.mkdir()
+        agent = UpdateAgent(settings(server), tmp_path / "state", repository, audit=audit)
+        assert agent.check()[0].action == "installed"
+        v2 = server.publish("scale", scale_bytes(tmp_path, 3.0), golden=golden_for(scale_bytes(tmp_path, 9.0)))
+        server.roll_out("scale", v2)
+        assert agent.check()[0].action == "refused"
+        audit.close()
+        rows = sqlite3.connect(tmp_path / "audit.sqlite").execute(
+            "SELECT kind, caller, model, version, outcome, detail FROM entries ORDER BY seq"
+        ).fetchall()
+    kinds = [(kind, version, outcome) for kind, _, _, version, outcome, _ in rows]
+    assert ("update-download", "1", "ok") in kinds and ("update-switch", "1", "ok") in kinds
+    assert ("update-golden", "2", "refused") in kinds and ("update-refused", "2", "refused") in kinds
+    assert {caller for _, caller, *_ in rows} == {"update-agent"}
+    refused = next(detail for kind, *_, detail in rows if kind == "update-refused")
+    assert "golden check failed" in refused and str(tmp_path) not in refused
