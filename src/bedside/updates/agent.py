@@ -56,6 +56,7 @@ class Outcome:
     golden: dict[str, Any] | None = None
     downloaded: int = 0
     delta: bool = False
+    delta_refused: str = ""  # why a published delta was not used (the full model was)
 
 
 @dataclass
@@ -111,6 +112,7 @@ class UpdateAgent:
     # -- one pass --------------------------------------------------------------------------------------
 
     def check(self) -> list[Outcome]:
+        self.source.clean()
         try:
             plan = self.source.refresh()
         except UpdateRefused as exc:
@@ -148,8 +150,9 @@ class UpdateAgent:
             why = f"install failed ({exc.strerror or type(exc).__name__})"
             self._audit("update-install", name, wanted, "failed", why)
             outcome = Outcome(name, "refused", wanted, serving, why)
-        self.source.clean()
+        self.source.forget()  # installed or refused: an interrupted download of it is no use now
         outcome.downloaded, outcome.delta = fetched.bytes_downloaded, fetched.delta_used
+        outcome.delta_refused = fetched.delta_refused
         return outcome
 
     def _skip(

@@ -6,7 +6,9 @@ hash of the full model, else the full model is downloaded instead."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from bedside.updates.publisher import delta_target, model_target
 from bedside.updates.rollout import PLAN_TARGET, PlanError, RolloutPlan
 
 TUF_ERRORS = (tuf_errors.RepositoryError, tuf_errors.DownloadError)
+STALE_PART_S = 7 * 86_400.0  # an interrupted download not continued within a week is dropped
 
 
 class UpdateRefused(BedsideError):
@@ -59,6 +62,7 @@ class UpdateSource:
             shutil.copyfile(trusted_root, root)
         self._updater: Updater | None = None
         self._downloaded = 0
+        self._parts: set[Path] = set()  # parts of the version being fetched, dropped by forget()
 
     def refresh(self) -> RolloutPlan | None:
         """Verify the newest metadata (TUF's refresh) and return the signed rollout plan (None: none)."""
@@ -75,6 +79,12 @@ class UpdateSource:
             self._updater.refresh()
             info = self._updater.get_targetinfo(PLAN_TARGET)
             return None if info is None else RolloutPlan.from_json(self._download(info))
+        except tuf_errors.DownloadError as exc:
+            if isinstance(exc, tuf_errors.DownloadLengthMismatchError):  # endless metadata: an attack, not an outage
+                raise UpdateRefused(f"update metadata refused ({describe(exc)})") from None
+            raise UpdateRefused(f"the update repository is unreachable or incomplete ({describe(exc)})") from None
+        except OSError as exc:  # a full or read-only disk on this box: said without the path
+            raise UpdateRefused(f"update metadata could not be stored ({exc.strerror or type(exc).__name__})") from None
         except TUF_ERRORS as exc:
             raise UpdateRefused(f"update metadata refused ({describe(exc)})") from None
         except PlanError as exc:
@@ -90,6 +100,7 @@ class UpdateSource:
     def fetch_version(self, name: str, version: int, base: int | None, base_model: bytes | None) -> Fetched:
         files: dict[str, bytes] = {}
         before = self.downloaded
+        self._parts = set()  # another version's interrupted download stays, to be continued later
         model = self.info(model_target(name, version, "model.onnx"))
         if model is None:
             raise UpdateRefused(f"{name} v{version} is not published")
@@ -127,11 +138,13 @@ class UpdateSource:
         folder, _, name = info.path.rpartition("/")
         url = f"{self.base}/targets/{folder + '/' if folder else ''}{sha}.{name}"
         part = self.staging / f"{sha}.part"
+        self._parts.add(part)
         try:
             self._downloaded += self.fetcher.resume(url, part, info.length)
             with open(part, "rb") as fh:
                 info.verify_length_and_hashes(fh)
             data = part.read_bytes()
+            part.unlink()  # verified and in memory; only an interrupted download keeps its part
         except tuf_errors.LengthOrHashMismatchError:
             part.unlink(missing_ok=True)
             raise UpdateRefused(f"{info.path} does not match its signed length and hash; deleted") from None
@@ -140,9 +153,21 @@ class UpdateSource:
             raise UpdateRefused(f"{info.path} is longer than its signed length; deleted") from None
         except tuf_errors.DownloadError as exc:  # kept: the next run continues it
             raise UpdateRefused(f"{info.path} could not be downloaded ({describe(exc)})") from None
+        except OSError as exc:  # a full or read-only disk on this box: said without the path
+            raise UpdateRefused(f"{info.path} could not be stored ({exc.strerror or type(exc).__name__})") from None
         return data
 
-    def clean(self) -> None:
-        """Drop finished downloads (called once a version is installed or refused for good)."""
-        for part in self.staging.glob("*.part"):
+    def forget(self) -> None:
+        """Drop what is left of the last version's downloads (it is installed, or refused for good):
+        e.g. the full model cut short before its delta was used."""
+        for part in self._parts:
             part.unlink(missing_ok=True)
+        self._parts.clear()
+
+    def clean(self, older_than_s: float = STALE_PART_S) -> None:
+        """Drop interrupted downloads nobody continued (a version no longer rolled out)."""
+        cutoff = time.time() - older_than_s
+        for part in self.staging.glob("*.part"):
+            with contextlib.suppress(OSError):
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
