@@ -104,6 +104,7 @@ class UpdateSource:
         model = self.info(model_target(name, version, "model.onnx"))
         if model is None:
             raise UpdateRefused(f"{name} v{version} is not published")
+        self._parts.add(self.staging / f"{model.hashes.get('sha256', '-')}.part")  # cut short by an earlier run
         for file in ("config.toml", "MODEL_CARD.md", "golden.json"):
             info = self.info(model_target(name, version, file))
             if info is not None:
