@@ -101,9 +101,11 @@ def test_every_step_is_audited_with_versions_and_reasons(tmp_path):
         server.roll_out("scale", v2)
         assert agent.check()[0].action == "refused"
         audit.close()
-        rows = sqlite3.connect(tmp_path / "audit.sqlite").execute(
-            "SELECT kind, caller, model, version, outcome, detail FROM entries ORDER BY seq"
-        ).fetchall()
+        rows = (
+            sqlite3.connect(tmp_path / "audit.sqlite")
+            .execute("SELECT kind, caller, model, version, outcome, detail FROM entries ORDER BY seq")
+            .fetchall()
+        )
     kinds = [(kind, version, outcome) for kind, _, _, version, outcome, _ in rows]
     assert ("update-download", "1", "ok") in kinds and ("update-switch", "1", "ok") in kinds
     assert ("update-golden", "2", "refused") in kinds and ("update-refused", "2", "refused") in kinds

@@ -97,6 +97,7 @@ class UpdateAgent:
             settings.report_url, self.device_id, self.groups, self.source.fetcher.pool, settings.timeout_s
         )
         self._watched: dict[str, _Watched] = {}
+        self._said: dict[str, tuple[str, int | None, str]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         install.recover(repository)
@@ -354,6 +355,7 @@ class UpdateAgent:
         if self.lifecycle is not None:
             self.lifecycle.pin(name, good, AGENT)
             self.lifecycle.retire(name, bad, f"rolled back: {reason}", AGENT)
+        shutil.rmtree(folder / str(bad), ignore_errors=True)  # refused for good: frees the disk, as a failed check does
         self._watched.pop(name, None)
         self._audit("update-rollback", name, bad, "rolled-back", f"to v{good}: {reason}")
         log.warning("%s v%d rolled back to v%d: %s", name, bad, good, reason)
@@ -379,8 +381,15 @@ class UpdateAgent:
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + self.settings.poll_s
                     for outcome in self.check():
-                        if outcome.action not in ("up-to-date", "not-eligible"):
-                            log.info("update %s: %s %s", outcome.model, outcome.action, outcome.reason)
+                        said = (outcome.action, outcome.version, outcome.reason)
+                        if said != self._said.get(outcome.model) and outcome.action not in (
+                            "up-to-date",
+                            "not-eligible",
+                        ):
+                            log.info(
+                                "update %s v%s: %s %s", outcome.model, outcome.version, outcome.action, outcome.reason
+                            )
+                        self._said[outcome.model] = said  # a paused rollout is said once, not every poll
                 self.watch()
             except Exception as exc:  # the agent must never take the server down; the next pass retries
                 log.error("update agent pass failed: %s", describe(exc))

@@ -56,6 +56,8 @@ def decide(rollout: ModelRollout, health: StageHealth, min_kept: int) -> tuple[s
     if health.failed:
         device, why = next(iter(health.failed.items()))
         return "halt", f"{len(health.failed)} box(es) refused or rolled back v{rollout.version}; {device}: {why}"
+    if health.behind:  # a stage is proven by its own boxes, not by those of the stages before it
+        return "wait", f"{len(health.behind)} box(es) of this stage not on v{rollout.version} yet"
     if health.watching or len(health.kept) < min_kept:
         return "wait", f"{len(health.kept)} box(es) kept v{rollout.version}, {len(health.watching)} under watch; " \
             f"{min_kept} needed"  # fmt: skip

@@ -44,6 +44,7 @@ DELTA_SUFFIX = ".bsdiff"
 # A delta is published only when it saves a fifth or more: a retrain that moves every weight gives a
 # delta of ~95 % of the model (bench/update_delta.py), not worth a second file and a patch on the box.
 DELTA_WORTH = 0.8
+DELTA_BASES = 3  # deltas from this many versions before the new one
 SPEC = SPECIFICATION_VERSION
 
 
@@ -123,8 +124,7 @@ class Publisher:
         version = max(published, default=0) + 1
         for file, data in sorted(files.items()):
             self._add(targets, model_target(name, version, file), data)
-        if published:
-            base = published[-1]
+        for base in published[-DELTA_BASES:]:  # boxes may be behind: a halted version never reached them
             old = self._stored(targets.targets[model_target(name, base, "model.onnx")]).read_bytes()
             delta = bsdiff4.diff(old, files["model.onnx"])
             if len(delta) <= DELTA_WORTH * len(files["model.onnx"]):

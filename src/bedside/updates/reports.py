@@ -32,6 +32,7 @@ from bedside.updates.rollout import PlanError, check_name
 log = logging.getLogger("bedside.updates")
 REPORT_MAX = 64 * 1024  # bytes in one report
 DEVICES_MAX = 100_000  # boxes whose reports one folder keeps
+QUIET = frozenset({"up-to-date", "not-eligible", "paused", "halted", "deferred", "busy"})
 
 
 class Reporter:
@@ -49,7 +50,8 @@ class Reporter:
 
     def send(self, outcomes: Sequence[Any], states: dict[str, Any]) -> bool:
         for outcome in outcomes:
-            self.last[outcome.model] = asdict(outcome)
+            if outcome.action not in QUIET or outcome.model not in self.last:  # "nothing to do" keeps the last change
+                self.last[outcome.model] = asdict(outcome)
         report = {
             "device": self.device_id,
             "groups": self.groups,
