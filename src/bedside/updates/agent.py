@@ -21,8 +21,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import onnxruntime as ort
-
 from bedside.dataplane.lifecycle import Lifecycle
 from bedside.protocol.types import Caller
 from bedside.repository.manager import State
@@ -33,30 +31,14 @@ from bedside.security.keys import KeyRing
 from bedside.settings import UpdateSettings, parse_window
 from bedside.updates import install
 from bedside.updates.fetch import RateLimit
-from bedside.updates.golden import GoldenError, GoldenResult, check_golden, parse_golden
+from bedside.updates.golden import GoldenError, GoldenResult, check_golden, check_offline, parse_golden
+from bedside.updates.outcome import Outcome
 from bedside.updates.reports import Reporter
 from bedside.updates.rollout import ModelRollout, check_name
 from bedside.updates.source import Fetched, UpdateRefused, UpdateSource, describe
 
 log = logging.getLogger("bedside.updates")
 AGENT = Caller("update-agent", roles=frozenset({"admin"}), authenticated=True)  # an admin caller, audited as one
-
-
-@dataclass
-class Outcome:
-    """What one pass did to one model."""
-
-    model: str
-    action: (
-        str  # up-to-date, not-eligible, paused, halted, deferred, busy, refused, installed, watching, kept, rolled-back
-    )
-    version: int | None = None  # the version the plan wants
-    serving: int | None = None  # what serves after the pass
-    reason: str = ""
-    golden: dict[str, Any] | None = None
-    downloaded: int = 0
-    delta: bool = False
-    delta_refused: str = ""  # why a published delta was not used (the full model was)
 
 
 @dataclass
@@ -213,7 +195,7 @@ class UpdateAgent:
         self._audit("update-install", name, version, "ok", f"beside v{serving}")
         status = None
         if self.lifecycle is None:
-            result = self._offline_check(fetched.files["model.onnx"], golden)
+            result = check_offline(fetched.files["model.onnx"], golden, self.settings.max_latency_ms)
         else:
             status = self.lifecycle.stage(name, version, AGENT)
             if status.state is not State.READY or status.model is None:
@@ -250,7 +232,7 @@ class UpdateAgent:
         folder = install.new_model_folder(self.repository, name, fetched.files["config.toml"])
         try:
             install.write_version(folder, version, fetched.files, self.keys, self.checkpoint)
-            result = self._offline_check(fetched.files["model.onnx"], golden)
+            result = check_offline(fetched.files["model.onnx"], golden, self.settings.max_latency_ms)
             self._audit("update-golden", name, version, "ok" if result.passed else "refused", result.reason)
             if not result.passed:
                 raise UpdateRefused(f"golden check failed: {result.reason}")
@@ -261,17 +243,6 @@ class UpdateAgent:
             self.lifecycle.load(name, AGENT)
         self._audit("update-switch", name, version, "ok", "new model")
         return Outcome(name, "installed", version, version, "", result.summary())
-
-    def _offline_check(self, model: bytes, golden: dict[str, Any]) -> GoldenResult:
-        """Golden check outside a server (`bedside update`, or a model new on this box)."""
-        try:
-            session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT's own errors for a graph it cannot load
-            return GoldenResult(False, f"does not load ({type(exc).__name__})", 0, 0, 0, 0)
-        names = [o.name for o in session.get_outputs()]
-        return check_golden(
-            lambda feed: dict(zip(names, session.run(None, feed), strict=True)), golden, self.settings.max_latency_ms
-        )
 
     def _refuse(
         self, name: str, version: int, state: ServingState, reason: str, result: GoldenResult | None

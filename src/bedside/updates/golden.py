@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from bedside.errors import InvalidInput
 from bedside.modelconfig.model import ModelConfig
@@ -147,3 +148,13 @@ def check_golden(run: Any, golden: dict[str, Any], default_latency_ms: float) ->
             False, f"p99 latency {p99:.3f} ms is over the bound {bound:g} ms", len(cases), p50, p99, bound
         )
     return GoldenResult(True, "", len(cases), p50, p99, bound)
+
+
+def check_offline(model: bytes, golden: dict[str, Any], default_latency_ms: float) -> GoldenResult:
+    """The golden check outside a server (`bedside update`, or a model new on this box)."""
+    try:
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's own errors for a graph it cannot load
+        return GoldenResult(False, f"does not load ({type(exc).__name__})", 0, 0, 0, 0)
+    names = [o.name for o in session.get_outputs()]
+    return check_golden(lambda feed: dict(zip(names, session.run(None, feed), strict=True)), golden, default_latency_ms)
