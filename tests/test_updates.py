@@ -112,3 +112,81 @@ def test_every_step_is_audited_with_versions_and_reasons(tmp_path):
     assert {caller for _, caller, *_ in rows} == {"update-agent"}
     refused = next(detail for kind, *_, detail in rows if kind == "update-refused")
     assert "golden check failed" in refused and str(tmp_path) not in refused
+
+
+def test_models_stay_encrypted_at_rest_and_deltas_patch_the_decrypted_bytes(tmp_path):
+    from bedside.security.keys import KeyRing, new_key
+    from bedside.updates.agent import UpdateAgent
+    from tests.fleet import settings
+
+    keys = KeyRing([new_key()])
+    with update_server(tmp_path / "pub") as server:
+        server.roll_out("scale", server.publish("scale", scale_bytes(tmp_path, 2.0)))
+        repository = tmp_path / "models"
+        repository.mkdir()
+        agent = UpdateAgent(settings(server), tmp_path / "state", repository, keys=keys)
+        assert agent.check()[0].action == "installed"
+        server.roll_out("scale", server.publish("scale", scale_bytes(tmp_path, 3.0)))
+        [outcome] = agent.check()
+        assert (outcome.action, outcome.delta) == ("installed", True)
+    for version in (1, 2):
+        folder = repository / "scale" / str(version)
+        assert (folder / "model.onnx.enc").is_file() and not (folder / "model.onnx").exists()
+    assert scale_bytes(tmp_path, 3.0) not in (repository / "scale" / "2" / "model.onnx.enc").read_bytes()
+    assert not list((tmp_path / "state" / "staging").glob("*.part"))
+
+
+def test_a_restart_under_watch_loads_both_versions_and_the_watch_goes_on(tmp_path):
+    from bedside.dataplane import Dataplane
+    from bedside.updates.agent import UpdateAgent
+    from tests.fleet import settings
+
+    now = [1.0e9]
+    with update_server(tmp_path / "pub") as server:
+        server.roll_out("scale", server.publish("scale", scale_bytes(tmp_path, 2.0)))
+        with box(tmp_path / "box", server, watch_s=60.0, clock=lambda: now[0]) as (_, agent):
+            agent.check()
+            server.roll_out("scale", server.publish("scale", scale_bytes(tmp_path, 3.0)))
+            assert agent.check()[0].action == "watching"
+        repository = tmp_path / "box" / "models"
+        restarted = Dataplane(repository)  # the power came back: a new server on the same files
+        restarted.start()
+        try:
+            assert restarted.lifecycle.ready_versions("scale") == [1, 2]
+            assert answer(restarted) == 3.0
+            agent = UpdateAgent(
+                settings(server, watch_s=60.0), tmp_path / "box" / "state", repository,
+                lifecycle=restarted.lifecycle, clock=lambda: now[0],
+            )  # fmt: skip
+            assert agent.watch() == []  # still under watch
+            now[0] += 61.0
+            assert [o.action for o in agent.watch()] == ["kept"]
+            assert restarted.lifecycle.ready_versions("scale") == [2]
+        finally:
+            restarted.close()
+
+
+def test_reports_reach_the_publisher_and_bad_ones_are_refused(tmp_path):
+    import urllib3
+
+    from bedside.updates.reports import ReportStore
+
+    with update_server(tmp_path / "pub") as server:
+        server.roll_out("scale", server.publish("scale", scale_bytes(tmp_path, 2.0)))
+        with box(tmp_path / "box", server, report_url=f"{server.url}/reports", device_id="ward-3-box-1") as (_, agent):
+            agent.check()
+            assert agent.reporter.sent == 1
+        http = urllib3.PoolManager()
+        bad = [
+            ("/reports/../etc", b"{}"),
+            ("/reports/box-2", b"not json"),
+            ("/reports/box-2", b'{"device": "box-3"}'),
+            ("/elsewhere", b"{}"),
+        ]
+        for path, body in bad:
+            assert http.request("POST", server.url + path, body=body).status == 400
+        reports = ReportStore(tmp_path / "pub" / "reports").all()
+    assert list(reports) == ["ward-3-box-1"]
+    report = reports["ward-3-box-1"]
+    assert report["serving"]["scale"]["version"] == 1 and report["last"]["scale"]["action"] == "installed"
+    assert str(tmp_path) not in json.dumps(report)

@@ -149,3 +149,21 @@ def test_publish_and_rollout_commands(tmp_path):
     missing = Ran("rollout", "start", "m", "7", *opts)
     assert missing.exit_code == 2 and "no published version 7" in missing.output
     assert not Path(tmp_path / "repo" / "keys").exists()
+
+
+def test_update_runs_one_pass_and_says_what_it_did(tmp_path, monkeypatch):
+    monkeypatch.setenv("BEDSIDE_STREAMS_STATE_DIR", str(tmp_path / "state"))
+    box_repo = tmp_path / "box"
+    box_repo.mkdir()
+    no_url = Ran("update", "-r", str(box_repo))
+    assert no_url.exit_code == 2 and "no update repository" in no_url.output
+    with update_server(tmp_path / "pub") as server:
+        server.roll_out("scale", server.publish("scale", scale_bytes(tmp_path, 2.0)))
+        args = ["update", "-r", str(box_repo), "--url", server.url, "--root", str(server.trusted_root)]
+        first = Ran(*args)
+        assert first.exit_code == 0 and '"action": "installed"' in first.output
+        server.roll_out("scale", server.publish("scale", scale_bytes(tmp_path, 3.0), golden=b'{"cases": []}'))
+        refused = Ran(*args)
+        assert refused.exit_code == 1 and '"action": "refused"' in refused.output
+        assert str(tmp_path) not in refused.output
+    assert (tmp_path / "state" / "audit.sqlite").is_file()  # the pass is audited as the server's agent is
