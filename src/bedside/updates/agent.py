@@ -249,7 +249,7 @@ class UpdateAgent:
     ) -> Outcome:
         state.refuse(version, reason)
         write_state(self.repository / name, state)
-        shutil.rmtree(self.repository / name / str(version), ignore_errors=True)  # never served; frees the disk
+        install.discard_version(self.repository / name, version)  # never served; frees the disk
         if self.lifecycle is not None:
             self.lifecycle.retire(name, version, reason, AGENT)
         self._audit("update-refused", name, version, "refused", reason)
@@ -326,7 +326,7 @@ class UpdateAgent:
         if self.lifecycle is not None:
             self.lifecycle.pin(name, good, AGENT)
             self.lifecycle.retire(name, bad, f"rolled back: {reason}", AGENT)
-        shutil.rmtree(folder / str(bad), ignore_errors=True)  # refused for good: frees the disk, as a failed check does
+        install.discard_version(folder, bad)  # refused for good: frees the disk, as a failed check does
         self._watched.pop(name, None)
         self._audit("update-rollback", name, bad, "rolled-back", f"to v{good}: {reason}")
         log.warning("%s v%d rolled back to v%d: %s", name, bad, good, reason)

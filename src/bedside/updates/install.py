@@ -100,6 +100,19 @@ def write_version(
     return final
 
 
+def discard_version(model_folder: Path, version: int) -> None:
+    """Remove a version that will never serve (refused or rolled back; the state file already says
+    so): renamed to a hidden name first, so a cut mid-removal leaves a leftover `recover()` deletes,
+    never a half version folder that a version policy could load."""
+    folder = model_folder / str(version)
+    if not folder.exists():
+        return
+    doomed = model_folder / f"{INCOMING}{version}-discarded-{time.time_ns()}"
+    folder.rename(doomed)
+    fsync_dir(model_folder)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def adopt(model_folder: Path, serving: int) -> ServingState:
     """The model's state file, written first if it has none, pinning what serves now."""
     state = read_state(model_folder)
