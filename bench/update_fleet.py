@@ -368,6 +368,9 @@ class Sampler:
                         self.events.setdefault((device, version, "kept"), now)
                 for refused in state.get("refused") or {}:
                     self.events.setdefault((device, int(refused), "refused"), now)
+                current = (report.get("now") or {}).get(MODEL) or {}
+                if current:  # what the box's latest pass did (a paused or halted plan is said here)
+                    self.action_log[(device, current.get("version"), str(current.get("action")))] += 1
                 if last:
                     action, wanted = str(last.get("action")), last.get("version")
                     self.actions[device] = (action, wanted)

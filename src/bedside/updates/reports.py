@@ -49,7 +49,9 @@ class Reporter:
         self.sent = 0
 
     def send(self, outcomes: Sequence[Any], states: dict[str, Any]) -> bool:
+        now = {}
         for outcome in outcomes:
+            now[outcome.model] = {"action": outcome.action, "version": outcome.version, "reason": outcome.reason}
             if outcome.action not in QUIET or outcome.model not in self.last:  # "nothing to do" keeps the last change
                 self.last[outcome.model] = asdict(outcome)
         report = {
@@ -58,7 +60,8 @@ class Reporter:
             "at": time.time(),
             "bedside": __version__,
             "serving": states,
-            "last": self.last,
+            "now": now,  # what this pass did (paused, deferred, up to date...)
+            "last": self.last,  # the last change per model (installed, refused, rolled back), with its figures
         }
         self.pending = json.dumps(report).encode()[:REPORT_MAX]
         if not self.url:
