@@ -93,6 +93,7 @@ from bedside.updates.progress import decide, stage_health
 from bedside.updates.publisher import Publisher
 from bedside.updates.reports import ReportStore
 from bedside.updates.rollout import Stage, device_bucket, parse_stages
+from grpc_latency import cpu_seconds
 
 MODEL = "scale"
 STAGES = "10,50,100"
@@ -883,14 +884,6 @@ def scan_logs(run: Run) -> dict[str, Any]:
     for message, n in found["errors"].items():
         run.problems.append(f"{n} x ERROR in box logs: {message}")
     return {"tracebacks": found["tracebacks"][:5], "errors": dict(found["errors"]), "warnings": dict(found["warnings"])}
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- output -------------------------------------------------------------------------------------
