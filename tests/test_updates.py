@@ -190,3 +190,16 @@ def test_reports_reach_the_publisher_and_bad_ones_are_refused(tmp_path):
     report = reports["ward-3-box-1"]
     assert report["serving"]["scale"]["version"] == 1 and report["last"]["scale"]["action"] == "installed"
     assert str(tmp_path) not in json.dumps(report)
+
+
+def test_old_versions_are_pruned_to_keep_versions(tmp_path):
+    with update_server(tmp_path / "pub") as server:
+        server.roll_out("scale", server.publish("scale", scale_bytes(tmp_path, 2.0)))
+        with box(tmp_path / "box", server, keep_versions=2) as (dataplane, agent):
+            agent.check()
+            for factor in (3.0, 4.0, 5.0):
+                server.roll_out("scale", server.publish("scale", scale_bytes(tmp_path, factor)))
+                assert agent.check()[0].action == "installed"
+            folder = tmp_path / "box" / "models" / "scale"
+            assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["3", "4"]
+            assert answer(dataplane) == 5.0

@@ -240,12 +240,7 @@ class UpdateSettings:
     device_id: str = _opt("", "this box's id in rollouts and reports; empty: one made up once, kept in STATE_DIR")
     groups: str = _opt("", "named rollout groups this box belongs to, comma-separated (e.g. icu,canary)")
     poll_s: float = _opt(300.0, "seconds between two checks of the update repository", 1, 86_400)
-    window: str = _opt(
-        "",
-        "maintenance window HH:MM-HH:MM, local time, when updates download and install (urgent ones: always); "
-        "empty: any time",
-        check=_window,
-    )
+    window: str = _opt("", "HH:MM-HH:MM local time when updates install (urgent: always); empty: any", check=_window)
     rate_kb_s: int = _opt(0, "download rate limit, KiB/s (metadata and models together); 0: none", 0, 10**7)
     max_download_mb: int = _opt(
         2048, "largest file an update may download, MiB (a bigger target is refused)", 1, 1 << 20
@@ -256,6 +251,7 @@ class UpdateSettings:
     max_latency_ms: float = _opt(
         100.0, "p99 latency bound of a new version when its golden file names none (checks and watch)", 0.01, 60_000
     )
+    keep_versions: int = _opt(2, "versions of an updated model kept on disk, the serving one included", 1, 100)
     report_url: str = _opt("", "where this box POSTs its de-identified update health; empty: not reported")
     timeout_s: float = _opt(30.0, "network timeout of one update request", 1, 3600)
 

@@ -222,6 +222,8 @@ class UpdateAgent:
             else:
                 self.lifecycle.retire(name, serving, f"replaced by v{version}", AGENT)
         self._audit("update-switch", name, version, "ok", f"from v{serving}" + (", under watch" if watching else ""))
+        if not watching:
+            self._prune(name, new)
         return Outcome(name, "watching" if watching else "installed", version, version, "", result.summary())
 
     def _add(self, name: str, version: int, serving: int | None, fetched: Fetched) -> Outcome:
@@ -308,9 +310,18 @@ class UpdateAgent:
         self.lifecycle.retire(name, state.previous, f"replaced by v{state.version}", AGENT)
         self._watched.pop(name, None)
         self._audit("update-keep", name, state.version, "ok", f"watched, v{state.previous} retired")
+        self._prune(name, kept)
         outcome = Outcome(name, "kept", state.version, state.version)
         self.reporter.send([outcome], self._states())
         return outcome
+
+    def _prune(self, name: str, state: ServingState) -> None:
+        """Keep updates.keep_versions versions on disk: the serving one and the newest before it."""
+        keep = self.settings.keep_versions
+        older = [v for v in self.store.versions(name) if v < state.version]
+        for version in older[: max(0, len(older) - (keep - 1))]:
+            install.discard_version(self.repository / name, version)
+            self._audit("update-prune", name, version, "ok", f"beyond updates.keep_versions={keep}")
 
     def rollback(self, name: str, reason: str) -> Outcome:
         """Back to the version before: the state file first, then traffic, then the new one retired."""
