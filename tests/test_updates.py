@@ -189,6 +189,7 @@ def test_reports_reach_the_publisher_and_bad_ones_are_refused(tmp_path):
     assert list(reports) == ["ward-3-box-1"]
     report = reports["ward-3-box-1"]
     assert report["serving"]["scale"]["version"] == 1 and report["last"]["scale"]["action"] == "installed"
+    assert set(report["serving"]["scale"]["live"]) == {"requests", "failures", "p50_ms", "p99_ms"}
     assert str(tmp_path) not in json.dumps(report)
 
 

@@ -296,7 +296,7 @@ class UpdateAgent:
             total = errors + stats.request.count
             if total >= self.settings.watch_min_requests:
                 rate = errors / total
-                p99 = stats.request.summary().get("p99_ms", 0.0)
+                p99 = stats.request.summary().get("p99_ms") or 0.0
                 if rate > self.settings.watch_max_error_rate:
                     reason = f"error rate {rate:.1%} over {total} requests under watch"
                 elif p99 > watched.bound_ms:
@@ -385,6 +385,11 @@ class UpdateAgent:
             state = read_state(self.repository / name)
             if state is not None:
                 out[name] = asdict(state)
+                stats = self.lifecycle.stats(name, state.version) if self.lifecycle is not None else None
+                if stats is not None:  # live figures of the serving version: counts and latency, no data
+                    live = stats.request.summary()
+                    out[name]["live"] = {"requests": live["count"], "failures": stats.failures,
+                                         "p50_ms": live["p50_ms"], "p99_ms": live["p99_ms"]}  # fmt: skip
         return out
 
     def _audit(self, kind: str, model: str, version: int | None, outcome: str, detail: str) -> None:
