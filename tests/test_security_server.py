@@ -307,14 +307,16 @@ def test_the_audit_log_holds_every_call_and_no_data(deployment):
     deployment.call("GET", "/v2/models/a_model", client="stranger")
     deployment.call("POST", "/v2/models/not_there/infer", token="a-infer", body=X)
     deployment.call("POST", "/v2/models/a_model/infer", token="a-infer", body={"inputs": "nonsense"})
+    wanted = {("not_there", "404"), ("a_model", "400")}  # refused before the model ran: recorded too
     deadline = time.monotonic() + 10
-    while True:  # the writer stores batches every 200 ms: poll for the entry, do not sleep a fixed time
+    while True:  # the writer stores batches every 200 ms: poll for the last calls' entries (they may be
+        # in two batches), do not sleep a fixed time
         entries = last_entries(path, 500) if path.exists() else []
-        if any(e["model"] == "not_there" for e in entries) or time.monotonic() > deadline:
+        refused = {(e["model"], e["outcome"]) for e in entries if e["kind"] == "infer" and e["caller"] == "a-infer"}
+        if wanted <= refused or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    refused = {(e["model"], e["outcome"]) for e in entries if e["kind"] == "infer" and e["caller"] == "a-infer"}
-    assert {("not_there", "404"), ("a_model", "400")} <= refused  # refused before the model ran: recorded too
+    assert wanted <= refused
     ours = next(e for e in entries if e["request_id"] == "audit-me")
     assert (ours["kind"], ours["caller"], ours["tenant"], ours["model"], ours["outcome"]) == (
         "infer", "a-infer", "a", "a_model", "ok",
