@@ -326,3 +326,18 @@ def test_the_audit_log_holds_every_call_and_no_data(deployment):
     assert not any("1.0" in str(e.values()) or "[1, 2, 3, 4]" in str(e.values()) for e in entries)
     result = verify(path)
     assert result.intact and result.checked >= len(entries), result.reason
+
+
+def test_metrics_need_the_monitor_role_and_show_only_the_tenants_models(deployment):
+    def metrics(token: str | None) -> tuple[int, bytes]:
+        conn = http.client.HTTPSConnection("127.0.0.1", deployment.port, context=deployment.context(), timeout=10)
+        headers = {"Authorization": f"Bearer {deployment.tokens[token]}"} if token else {}
+        conn.request("GET", "/metrics", headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        conn.close()
+        return response.status, data
+
+    assert metrics("a-infer")[0] == 403
+    status, text = metrics("a-monitor")
+    assert status == 200 and b'model="a_model"' in text and b'model="b_model"' not in text

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from time import perf_counter_ns
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from bedside import __version__
 from bedside.dataplane.access import ADMIN, DESCRIBE, INFER, MONITOR, NO_TENANT, Access, restricted
 from bedside.dataplane.lifecycle import Lifecycle
+from bedside.dataplane.metrics import render as render_metrics
 from bedside.dataplane.stats import version_statistics
 from bedside.dataplane.types import (
     CallContext,
@@ -344,6 +345,17 @@ class Dataplane:
                 row = version_statistics(entry.name, v, status, self._scheduler.depth(entry.name, v) or {})
                 rows.append(row if not restricted(caller) else row.for_tenant(caller.tenant, owned))
         return rows
+
+
+def metrics_text(
+    dataplane: Dataplane, caller: Caller, transport: str = "", extra: dict[str, Any] | None = None
+) -> bytes:
+    """/metrics (Prometheus text): the statistics the caller may see (monitor), the audit log's
+    counters, and `extra` (the streams' counters, from the server)."""
+    rows = dataplane.statistics(None, None, caller, transport)
+    audit = dataplane.access.audit
+    more = {**(extra or {}), **({"audit": audit.stats()} if audit is not None else {})}
+    return render_metrics(rows, more)
 
 
 def _default_score_output(config: ModelConfig) -> str:

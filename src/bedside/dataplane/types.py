@@ -131,7 +131,7 @@ class VersionStatistics:
             queue=Duration(0, 0),
             compute=Duration(0, 0),
             last_inference_ms=0,
-            detail={"tenant": tenant, **row},
+            detail={"tenant": tenant, **row, "histograms": {"request": row["histogram"]} if "histogram" in row else {}},
         )
 
 

@@ -20,6 +20,8 @@ import orjson
 
 from bedside.dataplane import CallContext, Dataplane, call_context
 from bedside.dataplane.access import MONITOR
+from bedside.dataplane.dataplane import metrics_text
+from bedside.dataplane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from bedside.errors import BedsideError, InvalidInput, MethodNotAllowed, NotFound, TooLarge, Unavailable
 from bedside.monitoring.redact import describe_exception
 from bedside.protocol.codec import decode_request, encode_response
@@ -127,8 +129,15 @@ class App:
         scope = call.scope
         parts = scope["path"].rstrip("/").split("/")[1:]
         method = scope["method"]
+        if parts == ["metrics"]:  # Prometheus's usual path; rendered off the event loop
+            _require(method, "GET", scope)
+            caller = self._caller(scope, "rest")
+            extra = {"streams": self.streams.status()} if self.streams is not None else None
+            loop = asyncio.get_running_loop()
+            text = await loop.run_in_executor(None, metrics_text, self.dataplane, caller, "rest", extra)
+            return Response(200, text, [(b"content-type", METRICS_CONTENT_TYPE.encode())])
         if not parts or parts[0] != "v2":
-            raise NotFound(f"no route {scope['path']}; the API lives under /v2")
+            raise NotFound(f"no route {scope['path']}; the API lives under /v2 (and /metrics)")
         rest = parts[1:]
         dataplane = self.dataplane
         if rest[:1] == ["health"] and len(rest) == 2:  # probes answer anyone: they say nothing but up / ready

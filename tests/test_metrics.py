@@ -1,0 +1,91 @@
+"""/metrics: Prometheus text that the Prometheus parser reads, real latency histograms whose counts
+move with the requests a test sends, the access rules of the statistics, and no request data."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from bedside.dataplane import Dataplane
+from bedside.dataplane.dataplane import metrics_text
+from bedside.monitoring.latency import BUCKETS_MS, LatencyWindow
+from bedside.protocol.types import ANONYMOUS, InferRequest
+from tests.models import SCALE_CONFIG, scale_model, write_config
+
+
+def families(text: bytes) -> dict[str, dict[tuple, float]]:
+    """metric family -> {(sample name, sorted labels): value}"""
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            out.setdefault(family.name, {})[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def sample(found: dict, family: str, name: str, **labels: str) -> float:
+    return found[family].get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_histogram_buckets_count_every_sample_where_it_falls():
+    window = LatencyWindow(8)
+    for ms in (0.01, 0.05, 0.07, 3.0, 3.0, 2000.0):
+        window.record(int(ms * 1e6))
+    hist = window.histogram()
+    assert hist["le_ms"] == list(BUCKETS_MS) and sum(hist["counts"]) == 6
+    assert hist["counts"][0] == 2 and hist["counts"][1] == 1 and hist["counts"][-1] == 1  # 0.05 is in le=0.05
+    assert hist["counts"][BUCKETS_MS.index(5.0)] == 2
+
+
+def test_metrics_parse_and_move_with_the_requests_sent(tmp_path):
+    write_config(tmp_path / "scale", SCALE_CONFIG)
+    scale_model(tmp_path / "scale" / "1" / "model.onnx")
+    dataplane = Dataplane(tmp_path)
+    dataplane.start()
+    try:
+        before = families(metrics_text(dataplane, ANONYMOUS))
+        request = InferRequest({"x": np.ones((1, 4), np.float32)})
+
+        async def send(n: int) -> None:
+            for _ in range(n):
+                await dataplane.infer("scale", None, request)
+
+        asyncio.run(send(25))
+        after = families(metrics_text(dataplane, ANONYMOUS))
+    finally:
+        dataplane.close()
+    key = {"model": "scale", "version": "1"}
+    assert sample(after, "bedside_requests", "bedside_requests_total", **key, outcome="ok") == 25
+    assert sample(before, "bedside_requests", "bedside_requests_total", **key, outcome="ok") == 0
+    for stage in ("request", "queue", "compute"):
+        family = f"bedside_{stage}_duration_seconds"
+        assert sample(after, family, f"{family}_count", **key) == 25
+        buckets = sorted(
+            (float(dict(labels)["le"]), value) for (name, labels), value in after[family].items()
+            if name.endswith("_bucket")
+        )  # fmt: skip
+        assert [b for b, _ in buckets] == [*[b / 1000 for b in BUCKETS_MS], float("inf")]
+        counts = [v for _, v in buckets]
+        assert counts == sorted(counts) and counts[-1] == 25  # cumulative, +Inf holds all
+        assert sample(after, family, f"{family}_sum", **key) > 0
+    assert sample(after, "bedside_model_state", "bedside_model_state", **key, state="READY") == 1
+    assert sample(after, "bedside_batch_size", "bedside_batch_size_count", **key) >= 1
+    assert b"1.0" not in metrics_text(dataplane, ANONYMOUS).split(b"bedside_requests")[0]  # no tensor data
+
+
+def test_the_metrics_endpoint_serves_prometheus_text(server):
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
+    for _ in range(3):
+        urllib.request.urlopen(
+            urllib.request.Request(f"{server.url}/v2/models/scale/infer", body.encode(), method="POST"), timeout=10
+        ).read()
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as response:
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        text = response.read()
+    found = families(text)
+    assert sample(found, "bedside_requests", "bedside_requests_total", model="scale", version="2", outcome="ok") >= 3
+    assert "bedside_streams_beds" in found or "bedside_audit_written" in found
+    assert b"[1, 2, 3, 4]" not in text
