@@ -54,6 +54,7 @@ class ServerSettings:
     grpc_port: int = _opt(8001, "OIP v2 gRPC port (Triton's default); -1: no gRPC", -1, 65535)
     max_body_mb: int = _opt(64, "largest REST body or gRPC message, MiB (larger: 413 / RESOURCE_EXHAUSTED)", 1, 2047)
     log_level: str = _opt("info", "server log level", None, None, "debug", "info", "warning", "error")
+    log_format: str = _opt("text", "server log lines: text, or json (one object a line)", None, None, "text", "json")
     keepalive_s: float = _opt(30.0, "idle HTTP keep-alive connections are closed after this", 1, 3600)
     header_timeout_s: float = _opt(
         10.0, "a request line and headers must arrive within this (slower: 408, closed)", 0.1, 600
@@ -156,6 +157,7 @@ class LimitSettings:
         256, "tenants with statistics of their own per model version; the rest are counted together", 2, 10**4
     )
     max_ws_message_kb: int = _opt(1024, "largest ECG WebSocket message, KiB", 1, 65536)
+    drift_window: int = _opt(2048, "input rows per model version kept in memory for drift (never exported)", 64, 10**6)
 
 
 def _key_source(value: str) -> str | None:

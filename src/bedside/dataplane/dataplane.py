@@ -71,6 +71,7 @@ class Dataplane:
             self._scheduler.detach,
             limits.max_tenant_stats,
             self._scheduler.pin,
+            limits.drift_window,
         )
         self.access = access or Access()
         self.lifecycle = Lifecycle(self._manager, self.access)  # the update agent's admin calls

@@ -54,6 +54,7 @@ class _Collector:
             "bedside_tenant_request_duration_seconds", "Admission to result per tenant, seconds", labels=by_tenant
         )
         batch = HistogramMetricFamily("bedside_batch_size", "Rows per model run", labels=labels)
+        drift = _DriftFamilies(labels)
         for row in self.rows:
             key = [row.name, row.version]
             detail = row.detail
@@ -75,8 +76,36 @@ class _Collector:
                     tenant_seconds.add_metric([*key, tenant], *_buckets(t["histogram"]))
             if row.batch_sizes:
                 batch.add_metric(key, *_batch_buckets(row.batch_sizes))
+            _drift(drift, key, detail.get("drift"))
         yield from (requests, tenants, inferences, executions, state, depth, *seconds.values(), tenant_seconds, batch)
+        yield from (drift.psi, drift.ks, drift.state, drift.rows)
         yield from _gauges("bedside", self.extra)
+
+
+class _DriftFamilies:
+    def __init__(self, labels: list[str]) -> None:
+        by_feature = [*labels, "feature"]
+        self.psi = GaugeMetricFamily("bedside_drift_psi", "Population stability index vs training", labels=by_feature)
+        self.ks = GaugeMetricFamily("bedside_drift_ks", "Kolmogorov-Smirnov distance vs training", labels=by_feature)
+        self.state = GaugeMetricFamily(
+            "bedside_drift_state", "1 for the drift state of a feature or the score", labels=[*by_feature, "state"]
+        )
+        self.rows = GaugeMetricFamily("bedside_drift_window_rows", "Live rows compared", labels=labels)
+
+
+def _drift(families: _DriftFamilies, key: list[str], drift: Mapping[str, Any] | None) -> None:
+    """Per feature (and `(score)`): PSI, KS and the state; never a value of the window."""
+    if not drift:
+        return
+    families.rows.add_metric(key, drift["window_rows"])
+    parts = dict(drift["features"])
+    if "score" in drift:
+        parts["(score)"] = drift["score"]
+    for feature, figures in parts.items():
+        if figures["psi"] is not None:
+            families.psi.add_metric([*key, feature], figures["psi"])
+            families.ks.add_metric([*key, feature], figures["ks"])
+        families.state.add_metric([*key, feature, figures["state"]], 1)
 
 
 def _buckets(hist: Mapping[str, Any]) -> tuple[list[tuple[str, float]], float]:

@@ -20,8 +20,9 @@ import numpy as np
 import tomli_w
 
 from bedside.modelconfig.model import ContractSpec, ModelConfig, TensorSpec, WarmupSpec
+from bedside.monitoring.drift import REFERENCE_FILE, make_reference
 
-DEMO_STAMP = ".bedside-demo-v5"  # v5: models stamped with their provenance (v4: configs carry the contract)
+DEMO_STAMP = ".bedside-demo-v6"  # v6: drift references; v5: provenance stamps; v4: configs carry the contract
 TOLERANCE = 1e-5
 _DEFAULTED = {"scheduling", "queue_policy", "tenants"}  # left to bedside's defaults
 DISCLAIMER = (
@@ -64,6 +65,7 @@ class BuiltModel:
     card: str
     provenance: str  # stamped into the model (pipeline/provenance.py)
     note: str
+    drift_reference: bytes | None = None  # training histograms for on-box drift (monitoring/drift.py)
 
 
 def build_demo(path: Path, ecg: bool = True, progress: Callable[[str], None] | None = None) -> Path:
@@ -100,6 +102,8 @@ def build_demo(path: Path, ecg: bool = True, progress: Callable[[str], None] | N
             doc = {k: v for k, v in built.config.to_dict().items() if k not in _DEFAULTED}
             (folder / "config.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
             (folder / "MODEL_CARD.md").write_text(built.card, encoding="utf-8")
+            if built.drift_reference is not None:
+                (folder / "1" / REFERENCE_FILE).write_bytes(built.drift_reference)
         (staging / DEMO_STAMP).write_text("built by bedside demo\n", encoding="utf-8")
         if path.exists():
             shutil.rmtree(path)
@@ -196,7 +200,10 @@ AUROC {auroc:.4f}
 ## Intended use
 Demonstrating and testing the bedside inference server. Not intended for diagnosis.
 """
-    return BuiltModel(config, model.SerializeToString(), card, "trained", BREAST_NOTE)
+    drift = make_reference(
+        x_tr, "features", list(data.feature_names), np.asarray(clf.predict_proba(x_tr))[:, 1], "probabilities"
+    )
+    return BuiltModel(config, model.SerializeToString(), card, "trained", BREAST_NOTE, drift)
 
 
 def _diabetes_progression() -> BuiltModel:
@@ -256,7 +263,8 @@ s6 blood glucose.
 ## Intended use
 Demonstrating and testing the bedside inference server. Not intended for prognosis.
 """
-    return BuiltModel(config, model.SerializeToString(), card, "trained", DIABETES_NOTE)
+    drift = make_reference(x_tr, "features", list(data.feature_names), reg.predict(x_tr), "variable", 0)
+    return BuiltModel(config, model.SerializeToString(), card, "trained", DIABETES_NOTE, drift)
 
 
 def _vitals_deterioration() -> BuiltModel:
@@ -310,7 +318,8 @@ LightGBM (150 trees, 15 leaves) -> ONNX (onnxmltools, opset 15); ONNX vs LightGB
 ## Inputs
 `features`: FP32 [batch, {WIDTH}], in this order: {", ".join(NAMES)}.
 """
-    return BuiltModel(config, model.SerializeToString(), card, "synthetic", VITALS_NOTE)
+    drift = make_reference(x_tr, "features", list(NAMES), np.asarray(clf.predict_proba(x_tr))[:, 1], "probabilities")
+    return BuiltModel(config, model.SerializeToString(), card, "synthetic", VITALS_NOTE, drift)
 
 
 def _ecg_rhythm() -> BuiltModel | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from bedside.monitoring.drift import DriftMonitor
 from bedside.settings import DEFAULTS
 
 WINDOW = 4096
@@ -94,6 +95,7 @@ class ModelStats:
     __slots__ = (
         "batch_sizes",
         "compute",
+        "drift",
         "executions",
         "failures",
         "inferences",
@@ -117,6 +119,7 @@ class ModelStats:
         self.batch_sizes: Counter[int] = Counter()  # rows per execution
         self.rejected: Counter[str] = Counter()
         self.tenants: dict[str, TenantStats] = {}
+        self.drift: DriftMonitor | None = None  # when the version ships a drift reference
 
     def _tenant(self, name: str) -> TenantStats:
         found = self.tenants.get(name)
@@ -160,6 +163,7 @@ class ModelStats:
                 "queue": self.queue.histogram(),
                 "compute": self.compute.histogram(),
             },
+            **({"drift": self.drift.summary()} if self.drift is not None else {}),
             "tenants": {
                 name: {
                     "success_count": t.latency.count,

@@ -6,6 +6,10 @@ Tracebacks name files by absolute path, which shows the box's layout. So every e
 reaches a log here is written as its type and the frames it passed through (module-relative file,
 line, function), never its message; the handler installed by `install` applies that to every
 logger, uvicorn's included.
+
+With `fmt="json"` each line is one JSON object (`ts`, `level`, `logger`, `msg`, `error` for an
+exception, and only the whitelisted context fields in `EXTRA_FIELDS`, never any other `extra=`),
+under the same rules.
 """
 
 from __future__ import annotations
@@ -13,10 +17,17 @@ from __future__ import annotations
 import logging
 import re
 import traceback
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
+import orjson
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORMATS = ("text", "json")
+# the only `extra=` fields a JSON line carries: ids that say which request and model, never request data
+EXTRA_FIELDS = ("request_id", "model", "version", "tenant")
+_EXTRA_MAX = 128  # characters of one such field (a caller chooses its request id)
 _ROOTS = ("site-packages/", "dist-packages/", "/src/", "/lib/python")
 
 
@@ -72,10 +83,50 @@ class RedactingFormatter(logging.Formatter):
         return "(stack withheld)"
 
 
-def install(level: str) -> None:
-    """Log to stderr through the redacting formatter, for this process's every logger."""
+class JsonFormatter(RedactingFormatter):
+    """One JSON object per record: `ts` (UTC, ms), `level`, `logger`, `msg`, the whitelisted
+    `EXTRA_FIELDS` present on the record, and `error` (type and frames, as the text lines) for an
+    exception. Exceptions are formatted from `exc_info` itself, never from a cached `exc_text` that
+    another formatter may have written with the message in it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": _utc_ms(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in EXTRA_FIELDS:
+            value = record.__dict__.get(key)
+            if value is not None:
+                line[key] = _scalar(value)
+        if isinstance(record.exc_info, tuple) and record.exc_info[0] is not None:
+            line["error"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return orjson.dumps(line).decode()
+
+
+def _utc_ms(created: float) -> str:
+    """`2024-05-01T12:34:56.789Z`."""
+    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _scalar(value: object) -> str | int | float | bool:
+    """A field's value as JSON can carry it: numbers as they are (an int beyond 53 bits as text, which
+    orjson would refuse), anything else as text, cut to `_EXTRA_MAX` characters."""
+    if isinstance(value, bool | float) or (isinstance(value, int) and -(2**53) < value < 2**53):
+        return value
+    return str(value)[:_EXTRA_MAX]
+
+
+def install(level: str, fmt: str = "text") -> None:
+    """Log to stderr through the redacting formatter (`text`, or `json`: one object a line), for
+    this process's every logger."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     handler = logging.StreamHandler()
-    handler.setFormatter(RedactingFormatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else RedactingFormatter(FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

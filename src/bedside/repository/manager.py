@@ -20,10 +20,12 @@ from enum import StrEnum
 from bedside.errors import BedsideError, ModelLoadError, model_not_found
 from bedside.modelconfig.graph import check_against_graph, infer_config
 from bedside.modelconfig.model import ModelConfig
+from bedside.monitoring.drift import REFERENCE_FILE, DriftMonitor, DriftReferenceError, parse_reference
 from bedside.monitoring.latency import MAX_TENANTS, ModelStats
 from bedside.repository.serving import ServingState, read_state
 from bedside.repository.store import ModelStore
 from bedside.runtime.session import OnnxModel, graph_io, open_session
+from bedside.settings import DEFAULTS
 
 log = logging.getLogger("bedside.repository")
 
@@ -75,8 +77,10 @@ class RepositoryManager:
         detach: Detach,
         max_tenant_stats: int = MAX_TENANTS,
         pin: Pin = _no_pin,
+        drift_window: int = DEFAULTS.limits.drift_window,
     ) -> None:
         self.store = store
+        self.drift_window = drift_window
         self.max_tenant_stats = max_tenant_stats
         self._attach = attach
         self._detach = detach
@@ -267,14 +271,27 @@ class RepositoryManager:
         except Exception as exc:  # warm-up on a broken graph raises ORT's own errors
             return VersionStatus(version, State.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
         log.info("loaded %s v%d on %s (%s weights)", entry.name, version, model.provider, model.provenance)
+        stats = ModelStats(self.max_tenant_stats)
+        stats.drift = self._drift(entry.name, version)
         return VersionStatus(
             version,
             State.READY,
             model=model,
-            stats=ModelStats(self.max_tenant_stats),
+            stats=stats,
             provenance=model.provenance,
             provenance_note=model.provenance_note,
         )
+
+    def _drift(self, name: str, version: int) -> DriftMonitor | None:
+        """The version's drift monitor, when it ships a reference; a bad one is logged, not fatal."""
+        path = self.store.root / name / str(version) / REFERENCE_FILE
+        if not path.is_file():
+            return None
+        try:
+            return DriftMonitor(parse_reference(path.read_bytes()), self.drift_window)
+        except (DriftReferenceError, OSError) as exc:
+            log.warning("%s v%d: drift reference not used (%s)", name, version, type(exc).__name__)
+            return None
 
 
 def _retired(status: VersionStatus, reason: str) -> VersionStatus:

@@ -119,7 +119,8 @@ class ModelQueue:
         model, stats, clock = self.model, self.stats, self._clock
         started = clock()
         try:
-            outputs = model.run(merge([j.inputs for j in batch]), batch[0].outputs)
+            inputs = merge([j.inputs for j in batch])
+            outputs = model.run(inputs, batch[0].outputs)
             parts = split(outputs, [j.rows for j in batch])
         except Exception as exc:  # a model raising on odd values must not kill the worker
             error = (
@@ -137,6 +138,8 @@ class ModelQueue:
         with self._cond:
             self.queue.done(batch, done - started)
         stats.record_execution(sum(j.rows for j in batch))
+        if stats.drift is not None:
+            stats.drift.observe(inputs, outputs)  # a copy into the drift window: rows stay in memory
         suspect = not self.signature.finite(outputs)  # one check per batch; per request only on a miss
         for job, result in zip(batch, parts, strict=True):
             if suspect:

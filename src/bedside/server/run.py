@@ -150,7 +150,7 @@ def _access(settings: Settings) -> tuple[Access, AuditLog | None]:
 
 def serve(repository: Path, settings: Settings) -> None:
     server = settings.server
-    redact.install(server.log_level)
+    redact.install(server.log_level, server.log_format)
     runner = asyncio.run
     try:
         import uvloop

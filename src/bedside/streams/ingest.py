@@ -89,8 +89,10 @@ class IngestProcess:
         settings: StreamsSettings = DEFAULTS.streams,
         state: Path | None = None,
         security: SecuritySettings = DEFAULTS.security,
+        log_format: str = DEFAULTS.server.log_format,
     ) -> None:
         self.on_message = on_message
+        self.log_format = log_format  # the child logs as the server does (text or JSON lines)
         self.host, self.port = host, settings.mllp_port if port is None else port
         self.settings, self.state, self.security = settings, state, security
         self.accepted = self.restarts = 0
@@ -134,6 +136,7 @@ class IngestProcess:
                 "state": None if self.state is None else str(self.state),
                 "streams": dataclasses.asdict(self.settings),
                 "security": dataclasses.asdict(self.security),  # TLS and device identity for MLLP
+                "log_format": self.log_format,
             }
         ).decode()
 
@@ -331,13 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="JSON: host, port, state folder, streams settings")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then closes the link
-    redact.install("warning")  # as the server: exceptions logged without messages (HL7 text) or paths
+    config = orjson.loads(args.config)
+    redact.install("warning", str(config.get("log_format", "text")))  # as the server: no messages, no paths
     runner: Any = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop
 
         runner = uvloop.run
-    return int(runner(_child(args.fd, orjson.loads(args.config))))
+    return int(runner(_child(args.fd, config)))
 
 
 if __name__ == "__main__":

@@ -68,8 +68,9 @@ class Streams:
                 await self._restore(folder)
             host = streams.mllp_host or self.settings.server.host
             self.mllp = IngestProcess(
-                self.beds.add, host, settings=streams, state=folder, security=self.settings.security
-            )
+                self.beds.add, host, settings=streams, state=folder, security=self.settings.security,
+                log_format=self.settings.server.log_format,
+            )  # fmt: skip
             await self.mllp.start()
         if self.hl7_out is not None:
             self.hl7_out.start()
