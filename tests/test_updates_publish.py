@@ -56,7 +56,9 @@ def test_a_root_with_a_threshold_needs_that_many_signatures(tmp_path):
     publisher.init(root_keys=3, root_threshold=2)
     root = json.loads((tmp_path / "repo" / "metadata" / "1.root.json").read_text())
     assert root["signed"]["roles"]["root"]["threshold"] == 2 and len(root["signatures"]) == 3
-    assert all(oct(p.stat().st_mode)[-3:] == "600" for p in (tmp_path / "keys").glob("*.pem"))
+    assert all(oct(p.stat().st_mode)[-3:] == "600" for p in (tmp_path / "keys").glob("*"))
+    published = [p for p in (tmp_path / "repo").rglob("*") if p.is_file()]
+    assert published and all(oct(p.stat().st_mode)[-3:] == "644" for p in published)  # a web server reads them
 
 
 def test_the_keys_folder_may_not_be_inside_the_repository(tmp_path):

@@ -13,6 +13,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bedside.security.sealed import write_atomic
+
 SERVING_FILE = "serving.json"
 REFUSED_MAX = 64  # versions remembered as refused per model; the oldest are forgotten first
 
@@ -62,19 +64,9 @@ def read_state(model_folder: Path) -> ServingState | None:
 
 
 def write_state(model_folder: Path, state: ServingState) -> None:
-    """Replace the state file atomically and durably."""
+    """Replace the state file atomically and durably (security.sealed's writer: temp file, fsync,
+    rename, folder fsync)."""
     write_atomic(model_folder / SERVING_FILE, state.to_json())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """`path` holds the old bytes or `data`, never a mix, whatever instant the power goes."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:

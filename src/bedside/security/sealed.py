@@ -95,14 +95,15 @@ def reseal(blob: bytes, ring: KeyRing, purpose: bytes) -> bytes:
     return seal(open_sealed(blob, ring, purpose), ring, purpose)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` owner-only (0600) so that a reader sees the old file or the new one, never half;
-    synced, with its folder, before it returns."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write `path` (owner-only unless `mode` says otherwise, e.g. files a web server publishes) so
+    that a reader sees the old file or the new one, never half; synced, with its folder, before it
+    returns."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), 0o600)
+            os.fchmod(out.fileno(), mode)
             out.write(data)
             out.flush()
             os.fsync(out.fileno())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bedside.errors import BedsideError
 from bedside.modelconfig.model import CONFIG_FILE
-from bedside.repository.serving import ServingState, fsync_dir, fsync_tree, read_state, write_state
+from bedside.repository.serving import SERVING_FILE, ServingState, fsync_dir, fsync_tree, read_state, write_state
 from bedside.repository.store import MODEL_FILE, SEALED_FILE, ModelStore
 from bedside.security.keys import KeyRing
 from bedside.security.sealed import MODEL, seal
@@ -41,13 +41,16 @@ def _no_checkpoint(step: str) -> None:
 
 
 def recover(repository: Path) -> int:
-    """Remove half-written folders a power cut left (`.incoming-*`); returns how many."""
+    """Remove what a power cut left half-written (`.incoming-*` folders, state-file temps); returns how many."""
     removed = 0
     if not repository.is_dir():
         return 0
     for parent in [repository, *(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))]:
         for leftover in parent.glob(INCOMING + "*"):
             shutil.rmtree(leftover, ignore_errors=True)
+            removed += 1
+        for temp in parent.glob(f".{SERVING_FILE}.*.tmp"):  # a state file write cut short
+            temp.unlink(missing_ok=True)
             removed += 1
     return removed
 

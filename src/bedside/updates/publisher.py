@@ -34,12 +34,13 @@ from tuf.api.metadata import (
 )
 
 from bedside.errors import InvalidInput
-from bedside.repository.serving import write_atomic
+from bedside.security.sealed import write_atomic
 from bedside.updates.rollout import PLAN_TARGET, RolloutPlan, check_name
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 EXPIRY_DAYS = {"root": 365.0, "targets": 90.0, "snapshot": 7.0, "timestamp": 1.0}
 KEYS_FILE = "keys.json"
+PUBLIC = 0o644  # metadata and targets: read by whatever web server publishes the folder
 DELTA_SUFFIX = ".bsdiff"
 # A delta is published only when it saves a fifth or more: a retrain that moves every weight gives a
 # delta of ~95 % of the model (bench/update_delta.py), not worth a second file and a patch on the box.
@@ -198,15 +199,15 @@ class Publisher:
             md.sign(signer, append=True)
         raw = md.to_bytes()
         if role != "timestamp":
-            write_atomic(self.meta / f"{signed.version}.{role}.json", raw)
-        write_atomic(self.meta / f"{role}.json", raw)
+            write_atomic(self.meta / f"{signed.version}.{role}.json", raw, PUBLIC)
+        write_atomic(self.meta / f"{role}.json", raw, PUBLIC)
 
     def _write_root(self, md: Metadata[Root], extra: list[CryptoSigner] | None = None) -> None:
         for signer in [*(extra or []), *self._signers("root")]:
             md.sign(signer, append=True)
         raw = md.to_bytes()
-        write_atomic(self.meta / f"{md.signed.version}.root.json", raw)
-        write_atomic(self.meta / "root.json", raw)
+        write_atomic(self.meta / f"{md.signed.version}.root.json", raw, PUBLIC)
+        write_atomic(self.meta / "root.json", raw, PUBLIC)
 
     def _load(self, role: str) -> Metadata[Any] | None:
         path = self.meta / f"{role}.json"
@@ -217,7 +218,7 @@ class Publisher:
         stored = self._stored(info)
         stored.parent.mkdir(parents=True, exist_ok=True)
         if not stored.exists():
-            write_atomic(stored, data)
+            write_atomic(stored, data, PUBLIC)
         targets.targets[path] = info
 
     def _stored(self, info: TargetFile) -> Path:

@@ -26,7 +26,7 @@ from typing import Any
 import urllib3
 
 from bedside import __version__
-from bedside.repository.serving import write_atomic
+from bedside.security.sealed import write_atomic
 from bedside.updates.rollout import PlanError, check_name
 
 log = logging.getLogger("bedside.updates")
