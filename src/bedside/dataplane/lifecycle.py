@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from bedside.dataplane.access import ADMIN, Access
-from bedside.errors import ModelLoadError
+from bedside.errors import ModelLoadError, NotFound
 from bedside.monitoring.latency import ModelStats
 from bedside.protocol.types import Caller
 from bedside.repository.manager import RepositoryManager, State, VersionStatus
@@ -32,7 +32,10 @@ class Lifecycle:
         return self._manager.state(name)
 
     def ready_versions(self, name: str) -> list[int]:
-        return self._manager.entry(name).ready_versions() if name in self.names() else []
+        try:
+            return self._manager.entry(name).ready_versions()
+        except NotFound:  # one stat of the folder, not a listing of the repository
+            return []
 
     def names(self) -> list[str]:
         return self._manager.store.names()
@@ -55,7 +58,10 @@ class Lifecycle:
         self._admin(caller, "retire", name, lambda: self._manager.retire(name, version, reason))
 
     def stats(self, name: str, version: int) -> ModelStats | None:
-        status = self._manager.entry(name).versions.get(version) if name in self.names() else None
+        try:
+            status = self._manager.entry(name).versions.get(version)
+        except NotFound:
+            return None
         return None if status is None or status.state is not State.READY else status.stats
 
     def _admin(

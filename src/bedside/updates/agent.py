@@ -80,6 +80,7 @@ class UpdateAgent:
         )
         self._watched: dict[str, _Watched] = {}
         self._said: dict[str, tuple[str, int | None, str]] = {}
+        self._resume_checked = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         install.recover(repository)
@@ -169,10 +170,9 @@ class UpdateAgent:
     def _serving(self, name: str, state: ServingState | None) -> int | None:
         if state is not None:
             return state.version
-        if self.lifecycle is not None and name in self.lifecycle.names():
-            ready = self.lifecycle.ready_versions(name)
-            if ready:
-                return ready[-1]
+        ready = self.lifecycle.ready_versions(name) if self.lifecycle is not None else []
+        if ready:
+            return ready[-1]
         try:
             versions = self.store.versions(name)
         except Exception:
@@ -274,9 +274,11 @@ class UpdateAgent:
         return out
 
     def _resumed(self) -> list[str]:
-        """Models a restart found under watch (their state file says so)."""
-        if self.lifecycle is None:
+        """Models a restart found under watch (their state file says so): looked for once, at the
+        first watch; later watches start in this process and are in `_watched`."""
+        if self.lifecycle is None or self._resume_checked:
             return []
+        self._resume_checked = True
         return [n for n in self.lifecycle.names() if (s := read_state(self.repository / n)) and s.phase == "watching"]
 
     def _bound(self, name: str, version: int) -> float:
