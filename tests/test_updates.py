@@ -185,6 +185,8 @@ def test_reports_reach_the_publisher_and_bad_ones_are_refused(tmp_path):
         ]
         for path, body in bad:
             assert http.request("POST", server.url + path, body=body).status == 400
+        headers = {"Content-Length": "abc"}
+        assert http.request("POST", f"{server.url}/reports/box-2", headers=headers).status == 400
         reports = ReportStore(tmp_path / "pub" / "reports").all()
     assert list(reports) == ["ward-3-box-1"]
     report = reports["ward-3-box-1"]

@@ -127,7 +127,8 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def do_POST(self) -> None:
         prefix = "/reports/"
-        length = int(self.headers.get("Content-Length") or 0)
+        given = self.headers.get("Content-Length") or "0"
+        length = int(given) if given.isascii() and given.isdigit() else -1  # "abc" or "-5": refused below
         if not self.path.startswith(prefix) or not 0 < length <= REPORT_MAX:
             self.send_error(HTTPStatus.BAD_REQUEST, "POST /reports/<device> with a JSON body of at most 64 KiB")
             return
