@@ -10,7 +10,7 @@ import urllib.request
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from bedside.dataplane import Dataplane
+from bedside.dataplane import Dataplane, call_context
 from bedside.dataplane.dataplane import metrics_text
 from bedside.monitoring.latency import BUCKETS_MS, LatencyWindow
 from bedside.protocol.types import ANONYMOUS, InferRequest
@@ -54,23 +54,34 @@ def test_metrics_parse_and_move_with_the_requests_sent(tmp_path):
                 await dataplane.infer("scale", None, request)
 
         asyncio.run(send(25))
+        stat = call_context({}, priority="stat", transport="test", caller=ANONYMOUS)
+
+        async def send_stat(n: int) -> None:
+            for _ in range(n):
+                await dataplane.infer("scale", None, request, stat)
+
+        asyncio.run(send_stat(4))
         text = metrics_text(dataplane, ANONYMOUS)
         after = families(text)
     finally:
         dataplane.close()
     key = {"model": "scale", "version": "1"}
-    assert sample(after, "bedside_requests", "bedside_requests_total", **key, outcome="ok") == 25
+    assert sample(after, "bedside_requests", "bedside_requests_total", **key, outcome="ok") == 29
     assert sample(before, "bedside_requests", "bedside_requests_total", **key, outcome="ok") == 0
+    by_priority = "bedside_priority_requests"
+    assert sample(after, by_priority, f"{by_priority}_total", **key, priority="1", outcome="ok") == 4  # STAT
+    routine = sum(v for (_, labels), v in after[by_priority].items() if dict(labels)["priority"] != "1")
+    assert routine == 25
     for stage in ("request", "queue", "compute"):
         family = f"bedside_{stage}_duration_seconds"
-        assert sample(after, family, f"{family}_count", **key) == 25
+        assert sample(after, family, f"{family}_count", **key) == 29
         buckets = sorted(
             (float(dict(labels)["le"]), value) for (name, labels), value in after[family].items()
             if name.endswith("_bucket")
         )  # fmt: skip
         assert [b for b, _ in buckets] == [*[b / 1000 for b in BUCKETS_MS], float("inf")]
         counts = [v for _, v in buckets]
-        assert counts == sorted(counts) and counts[-1] == 25  # cumulative, +Inf holds all
+        assert counts == sorted(counts) and counts[-1] == 29  # cumulative, +Inf holds all
         assert sample(after, family, f"{family}_sum", **key) > 0
     assert sample(after, "bedside_model_state", "bedside_model_state", **key, state="READY") == 1
     assert sample(after, "bedside_batch_size", "bedside_batch_size_count", **key) >= 1
@@ -90,3 +101,26 @@ def test_the_metrics_endpoint_serves_prometheus_text(server):
     assert sample(found, "bedside_requests", "bedside_requests_total", model="scale", version="2", outcome="ok") >= 3
     assert "bedside_streams_beds" in found or "bedside_audit_written" in found
     assert b"[1, 2, 3, 4]" not in text
+
+
+def test_histograms_off_counts_requests_without_buckets_or_drift(tmp_path):
+    write_config(tmp_path / "scale", SCALE_CONFIG)
+    scale_model(tmp_path / "scale" / "1" / "model.onnx")
+    dataplane = Dataplane(tmp_path, histograms=False)
+    dataplane.start()
+    try:
+        request = InferRequest({"x": np.ones((1, 4), np.float32)})
+
+        async def send(n: int) -> None:
+            for _ in range(n):
+                await dataplane.infer("scale", None, request)
+
+        asyncio.run(send(5))
+        found = families(metrics_text(dataplane, ANONYMOUS))
+        (row,) = dataplane.statistics("scale", None, ANONYMOUS)
+    finally:
+        dataplane.close()
+    key = {"model": "scale", "version": "1"}
+    assert sample(found, "bedside_requests", "bedside_requests_total", **key, outcome="ok") == 5
+    assert not found.get("bedside_request_duration_seconds") and not found.get("bedside_priority_requests")
+    assert "histograms" not in row.detail and row.detail["latency"]["count"] == 5  # percentiles stay

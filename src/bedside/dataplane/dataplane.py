@@ -61,9 +61,11 @@ class Dataplane:
         limits: LimitSettings = DEFAULTS.limits,
         access: Access | None = None,
         keys: KeyRing | None = None,
+        histograms: bool = DEFAULTS.monitoring.histograms,
     ) -> None:
         """`access`: who may do what (default: authentication off, nothing audited); `keys`: the
-        key ring that opens encrypted models (`model.onnx.enc`), decrypted into memory only."""
+        key ring that opens encrypted models (`model.onnx.enc`), decrypted into memory only;
+        `histograms` (monitoring.histograms): latency buckets, per-priority counts and drift."""
         self._scheduler = Scheduler(limits.max_tenants)
         self._manager = RepositoryManager(
             ModelStore(repository, keys=keys),
@@ -72,6 +74,7 @@ class Dataplane:
             limits.max_tenant_stats,
             self._scheduler.pin,
             limits.drift_window,
+            histograms,
         )
         self.access = access or Access()
         self.lifecycle = Lifecycle(self._manager, self.access)  # the update agent's admin calls

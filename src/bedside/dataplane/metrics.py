@@ -41,6 +41,11 @@ class _Collector:
             "bedside_requests", "Requests by outcome (ok, failed, rejected:REASON)", labels=[*labels, "outcome"]
         )
         tenants = CounterMetricFamily("bedside_tenant_requests", "Answered requests per tenant", labels=by_tenant)
+        priorities = CounterMetricFamily(
+            "bedside_priority_requests",
+            "Requests by priority (1: STAT) and outcome (ok, failed, or the rejection's reason)",
+            labels=[*by_priority, "outcome"],
+        )
         inferences = CounterMetricFamily("bedside_inferences", "Rows run through the model", labels=labels)
         executions = CounterMetricFamily("bedside_executions", "Model runs (a batch is one)", labels=labels)
         state = GaugeMetricFamily("bedside_model_state", "1 for the state a version is in", labels=by_state)
@@ -67,17 +72,21 @@ class _Collector:
             state.add_metric([*key, row.state], 1)
             for level, n in row.queue_depth.items():
                 depth.add_metric([*key, str(level)], n)
+            for level, outcomes in (detail.get("priorities") or {}).items():
+                for outcome, n in outcomes.items():
+                    priorities.add_metric([*key, level, outcome], n)
             for stage, hist in (detail.get("histograms") or {}).items():
-                if stage in seconds:  # request: end to end; queue: waiting; compute: running the model
+                if stage in seconds and hist is not None:  # request: end to end; compute: running the model
                     seconds[stage].add_metric(key, *_buckets(hist))
             for tenant, t in (detail.get("tenants") or {}).items():
                 tenants.add_metric([*key, tenant], t.get("success_count", 0))
-                if "histogram" in t:
+                if t.get("histogram") is not None:
                     tenant_seconds.add_metric([*key, tenant], *_buckets(t["histogram"]))
             if row.batch_sizes:
                 batch.add_metric(key, *_batch_buckets(row.batch_sizes))
             _drift(drift, key, detail.get("drift"))
-        yield from (requests, tenants, inferences, executions, state, depth, *seconds.values(), tenant_seconds, batch)
+        yield from (requests, tenants, priorities, inferences, executions, state, depth)
+        yield from (*seconds.values(), tenant_seconds, batch)
         yield from (drift.psi, drift.ks, drift.state, drift.rows)
         yield from _gauges("bedside", self.extra)
 

@@ -32,16 +32,19 @@ _BOUNDS_NS = tuple(int(b * 1e6) for b in BUCKETS_MS)
 class LatencyWindow:
     __slots__ = ("_next", "_ring", "buckets", "count", "max_ns", "total_ns")
 
-    def __init__(self, size: int = WINDOW) -> None:
+    def __init__(self, size: int = WINDOW, bucketed: bool = True) -> None:
         self._ring = [0] * size
         self._next = 0
         self.count = 0
         self.total_ns = 0
         self.max_ns = 0
-        self.buckets = [0] * (len(_BOUNDS_NS) + 1)  # samples per bucket since load; the last: beyond 1 s
+        # samples per bucket since load; the last: beyond 1 s. None: not counted (monitoring.histograms off)
+        self.buckets: list[int] | None = [0] * (len(_BOUNDS_NS) + 1) if bucketed else None
 
     def record(self, ns: int) -> None:
-        self.buckets[bisect_left(_BOUNDS_NS, ns)] += 1
+        buckets = self.buckets
+        if buckets is not None:
+            buckets[bisect_left(_BOUNDS_NS, ns)] += 1
         ring = self._ring
         ring[self._next] = ns
         self._next = (self._next + 1) % len(ring)
@@ -50,9 +53,11 @@ class LatencyWindow:
         if ns > self.max_ns:
             self.max_ns = ns
 
-    def histogram(self) -> dict[str, Any]:
+    def histogram(self) -> dict[str, Any] | None:
         """Samples per bucket since load (`counts[i]`: at most `le_ms[i]`, above the one before;
-        the last: above every bound), and their sum."""
+        the last: above every bound), and their sum; None when buckets are not counted."""
+        if self.buckets is None:
+            return None
         return {"le_ms": list(BUCKETS_MS), "counts": list(self.buckets), "sum_ms": round(self.total_ns / 1e6, 4)}
 
     def summary(self) -> dict[str, Any]:
@@ -84,8 +89,8 @@ class LatencyWindow:
 class TenantStats:
     __slots__ = ("latency", "rejected")
 
-    def __init__(self) -> None:
-        self.latency = LatencyWindow(1024)
+    def __init__(self, bucketed: bool = True) -> None:
+        self.latency = LatencyWindow(1024, bucketed)
         self.rejected = 0
 
 
@@ -94,7 +99,9 @@ class ModelStats:
 
     __slots__ = (
         "batch_sizes",
+        "by_priority",
         "compute",
+        "detailed",
         "drift",
         "executions",
         "failures",
@@ -107,11 +114,15 @@ class ModelStats:
         "tenants",
     )
 
-    def __init__(self, max_tenants: int = MAX_TENANTS) -> None:
+    def __init__(self, max_tenants: int = MAX_TENANTS, detailed: bool = True) -> None:
+        """`detailed` (monitoring.histograms): latency buckets and per-priority outcomes are counted."""
         self.max_tenants = max_tenants
-        self.request = LatencyWindow()  # admission to result, as seen inside the server
-        self.queue = LatencyWindow()
-        self.compute = LatencyWindow()
+        self.detailed = detailed
+        self.request = LatencyWindow(bucketed=detailed)  # admission to result, as seen inside the server
+        self.queue = LatencyWindow(bucketed=detailed)
+        self.compute = LatencyWindow(bucketed=detailed)
+        # (priority level, outcome) -> requests: "ok", "failed" or the rejection's reason
+        self.by_priority: Counter[tuple[int, str]] = Counter()
         self.failures = 0
         self.inferences = 0  # rows
         self.executions = 0  # model runs
@@ -128,7 +139,7 @@ class ModelStats:
                 name = OTHER_TENANTS  # tenant names come from callers: keep the table bounded
                 found = self.tenants.get(name)
             if found is None:
-                found = self.tenants[name] = TenantStats()
+                found = self.tenants[name] = TenantStats(self.detailed)
         return found
 
     def record_execution(self, rows: int) -> None:
@@ -137,15 +148,24 @@ class ModelStats:
         self.last_inference_ms = time.time_ns() // 1_000_000
         self.batch_sizes[rows] += 1
 
-    def record_request(self, tenant: str, queue_ns: int, compute_ns: int, total_ns: int) -> None:
+    def record_request(self, tenant: str, level: int, queue_ns: int, compute_ns: int, total_ns: int) -> None:
         self.queue.record(queue_ns)
         self.compute.record(compute_ns)
         self.request.record(total_ns)
         self._tenant(tenant).latency.record(total_ns)
+        if self.detailed:
+            self.by_priority[level, "ok"] += 1
 
-    def reject(self, tenant: str, reason: str) -> None:
+    def record_failure(self, level: int) -> None:
+        self.failures += 1
+        if self.detailed:
+            self.by_priority[level, "failed"] += 1
+
+    def reject(self, tenant: str, reason: str, level: int | None = None) -> None:
         self.rejected[reason] += 1
         self._tenant(tenant).rejected += 1
+        if self.detailed and level is not None:
+            self.by_priority[level, reason] += 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -158,19 +178,34 @@ class ModelStats:
             "queue": self.queue.summary(),
             "compute": self.compute.summary(),
             "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-            "histograms": {
-                "request": self.request.histogram(),
-                "queue": self.queue.histogram(),
-                "compute": self.compute.histogram(),
-            },
+            **(
+                {
+                    "histograms": {
+                        "request": self.request.histogram(),
+                        "queue": self.queue.histogram(),
+                        "compute": self.compute.histogram(),
+                    },
+                    # priority as users name it: 1 (STAT) is the most urgent
+                    "priorities": _by_priority(self.by_priority),
+                }
+                if self.detailed
+                else {}
+            ),
             **({"drift": self.drift.summary()} if self.drift is not None else {}),
             "tenants": {
                 name: {
                     "success_count": t.latency.count,
                     "rejected": t.rejected,
                     "latency": t.latency.summary(),
-                    "histogram": t.latency.histogram(),
+                    **({"histogram": t.latency.histogram()} if self.detailed else {}),
                 }
                 for name, t in sorted(self.tenants.items())
             },
         }
+
+
+def _by_priority(counts: Counter[tuple[int, str]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for (level, outcome), n in sorted(list(counts.items())):  # a copy: workers may add while this reads
+        out.setdefault(str(level + 1), {})[outcome] = n
+    return out

@@ -78,9 +78,11 @@ class RepositoryManager:
         max_tenant_stats: int = MAX_TENANTS,
         pin: Pin = _no_pin,
         drift_window: int = DEFAULTS.limits.drift_window,
+        detailed: bool = DEFAULTS.monitoring.histograms,
     ) -> None:
         self.store = store
         self.drift_window = drift_window
+        self.detailed = detailed  # histograms, per-priority counts and drift (monitoring.histograms)
         self.max_tenant_stats = max_tenant_stats
         self._attach = attach
         self._detach = detach
@@ -271,8 +273,8 @@ class RepositoryManager:
         except Exception as exc:  # warm-up on a broken graph raises ORT's own errors
             return VersionStatus(version, State.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
         log.info("loaded %s v%d on %s (%s weights)", entry.name, version, model.provider, model.provenance)
-        stats = ModelStats(self.max_tenant_stats)
-        stats.drift = self._drift(entry.name, version)
+        stats = ModelStats(self.max_tenant_stats, self.detailed)
+        stats.drift = self._drift(entry.name, version) if self.detailed else None
         return VersionStatus(
             version,
             State.READY,

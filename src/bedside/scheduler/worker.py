@@ -79,10 +79,10 @@ class ModelQueue:
             try:
                 shed = self.queue.admit(job, job.enqueued, context.timeout_us)
             except BedsideError as exc:
-                self.stats.reject(tenant, type(exc).__name__)
+                self.stats.reject(tenant, type(exc).__name__, level)
                 raise
             for victim in shed:  # the tenant's routine work, shed at its quota for this more urgent request
-                self.stats.reject(tenant, "Overloaded")
+                self.stats.reject(tenant, "Overloaded", victim.level)
                 _settle_error(
                     victim.future,
                     Overloaded(
@@ -131,7 +131,7 @@ class ModelQueue:
             with self._cond:
                 self.queue.done(batch)
             for job in batch:
-                stats.failures += 1
+                stats.record_failure(job.level)
                 _post(job.future, _settle_error, error)
             return
         done = clock()
@@ -146,17 +146,17 @@ class ModelQueue:
                 try:
                     self.signature.check_outputs(result)
                 except NonFiniteOutput as exc:
-                    stats.reject(job.tenant, type(exc).__name__)
+                    stats.reject(job.tenant, type(exc).__name__, job.level)
                     _post(job.future, _settle_error, exc)
                     continue
-            stats.record_request(job.tenant, started - job.enqueued, done - started, done - job.enqueued)
+            stats.record_request(job.tenant, job.level, started - job.enqueued, done - started, done - job.enqueued)
             _post(job.future, _settle, result)
 
     def _expire(self, jobs: list[Job]) -> None:
         now = self._clock()
         for job in jobs:
             waited = (now - job.enqueued) / 1e6
-            self.stats.reject(job.tenant, "DeadlineExceeded")
+            self.stats.reject(job.tenant, "DeadlineExceeded", job.level)
             error = DeadlineExceeded(
                 f"deadline exceeded after {waited:.1f} ms in the queue of {self.model.name!r} at priority "
                 f"{job.level + 1}; the request was not run",

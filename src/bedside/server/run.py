@@ -190,7 +190,7 @@ async def _serve(repository: Path, settings: Settings) -> None:
         keys = load_keyring(security.key, os.environ)
     except KeyProviderError as exc:
         raise StartupError(str(exc)) from None
-    dataplane = Dataplane(repository, settings.limits, access, keys=keys)
+    dataplane = Dataplane(repository, settings.limits, access, keys=keys, histograms=settings.monitoring.histograms)
     streams = Streams(dataplane, settings, keys=keys) if settings.streams.enabled else None
     app = App(dataplane, server, streams)
     http = _HTTPServer(

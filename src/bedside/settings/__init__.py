@@ -13,8 +13,12 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from bedside.settings.formats import check_window, parse_window
+from bedside.settings.paths import audit_path, callers_file, callers_path, state_dir
+
+__all__ = ["audit_path", "callers_file", "callers_path", "parse_window", "state_dir"]
 
 ENV_PREFIX = "BEDSIDE_"
 _KIND = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
@@ -206,35 +210,6 @@ class SecuritySettings:
     )
 
 
-def parse_window(text: str) -> tuple[int, int] | None:
-    """'HH:MM-HH:MM' as (start, end) minutes after midnight (end < start: the window spans midnight);
-    None for an empty text (any time). ValueError says what is wrong."""
-    if not text.strip():
-        return None
-    parts = text.strip().split("-")
-    if len(parts) != 2:
-        raise ValueError("one '-' between two times")
-    minutes = []
-    for part in parts:
-        hh, sep, mm = part.strip().partition(":")
-        if not (sep and hh.isascii() and hh.isdigit() and mm.isascii() and mm.isdigit() and len(mm) == 2):
-            raise ValueError(f"{part.strip()!r} is not HH:MM")
-        if int(hh) > 23 or int(mm) > 59:
-            raise ValueError(f"{part.strip()!r} is not a time of day")
-        minutes.append(int(hh) * 60 + int(mm))
-    if minutes[0] == minutes[1]:
-        raise ValueError("an empty window")
-    return minutes[0], minutes[1]
-
-
-def _window(value: str) -> str | None:
-    try:
-        parse_window(value)
-    except ValueError as exc:
-        return f"must be HH:MM-HH:MM (local time) or empty: {exc}"
-    return None
-
-
 @dataclass(frozen=True)
 class UpdateSettings:
     url: str = _opt("", "signed update repository (TUF) the agent polls, http(s)://HOST/PATH; empty: no agent")
@@ -242,7 +217,9 @@ class UpdateSettings:
     device_id: str = _opt("", "this box's id in rollouts and reports; empty: one made up once, kept in STATE_DIR")
     groups: str = _opt("", "named rollout groups this box belongs to, comma-separated (e.g. icu,canary)")
     poll_s: float = _opt(300.0, "seconds between two checks of the update repository", 1, 86_400)
-    window: str = _opt("", "HH:MM-HH:MM local time when updates install (urgent: always); empty: any", check=_window)
+    window: str = _opt(
+        "", "HH:MM-HH:MM local time when updates install (urgent: always); empty: any", check=check_window
+    )
     rate_kb_s: int = _opt(0, "download rate limit, KiB/s (metadata and models together); 0: none", 0, 10**7)
     max_download_mb: int = _opt(
         2048, "largest file an update may download, MiB (a bigger target is refused)", 1, 1 << 20
@@ -259,6 +236,19 @@ class UpdateSettings:
 
 
 @dataclass(frozen=True)
+class MonitoringSettings:
+    histograms: bool = _opt(
+        True, "count every request into latency histograms, per priority and tenant, and watch drift (off: counts only)"
+    )
+    export_k: int = _opt(10, "aggregate export: a count or histogram bin under k is merged or withheld", 1, 10**6)
+    export_window_min: int = _opt(
+        60, "aggregate export: its times are whole windows of this many minutes, never finer", 1, 10_080
+    )
+    status_interval_s: float = _opt(2.0, "the status page's live figures are pushed this often (SSE)", 0.2, 3600)
+    status_alerts: int = _opt(20, "recent alerts the status page shows", 1, 1000)
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     streams: StreamsSettings = field(default_factory=StreamsSettings)
@@ -268,6 +258,7 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     updates: UpdateSettings = field(default_factory=UpdateSettings)
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
 
     def replace(self, values: Mapping[str, Any]) -> Settings:
         """A copy with `section.key` values set (strings are parsed and every value checked)."""
@@ -368,30 +359,3 @@ def _parse(dotted: str, kind: type, text: str) -> Any:
     if kind is float and not math.isfinite(value):
         raise SettingsError(f"{dotted} must be a finite number, got {text!r}")
     return value
-
-
-def state_dir(configured: str, environ: Mapping[str, str]) -> Path:
-    """Where this box keeps state between runs: the setting, else $XDG_STATE_HOME/bedside, else
-    ~/.local/state/bedside. Created (owner-only) by whoever first writes there."""
-    if configured:
-        return Path(configured).expanduser()
-    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "bedside"
-
-
-def callers_path(settings: Settings, environ: Mapping[str, str]) -> Path:
-    """The callers file: security.callers_file, else STATE_DIR/callers.json."""
-    return callers_file(settings.security, state_dir(settings.streams.state_dir, environ))
-
-
-def callers_file(security: SecuritySettings, state: Path) -> Path:
-    """The callers file, given the state folder already found (the ingest child is handed it)."""
-    return Path(security.callers_file).expanduser() if security.callers_file else state / "callers.json"
-
-
-def audit_path(settings: Settings, environ: Mapping[str, str]) -> Path:
-    """The audit log: security.audit_file, else STATE_DIR/audit.sqlite."""
-    configured = settings.security.audit_file
-    return (
-        Path(configured).expanduser() if configured else state_dir(settings.streams.state_dir, environ) / "audit.sqlite"
-    )
