@@ -20,11 +20,13 @@ class AlertBus:
         self.recent: deque[Alert] = deque(maxlen=history)
         self.dropped = 0
         self.published = 0
+        self.alerts_by_level = {1: 0, 2: 0, 3: 0}  # alerts raised since start, per level
 
     def publish(self, event: Event) -> None:
         self.published += 1
         if isinstance(event, Alert):
             self.recent.append(event)
+            self.alerts_by_level[event.level] = self.alerts_by_level.get(event.level, 0) + 1
         for queue in self._subscribers:
             if queue.full():
                 queue.get_nowait()

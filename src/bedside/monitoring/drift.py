@@ -168,4 +168,10 @@ def _compare(values: np.ndarray, edges: np.ndarray, ref_counts: np.ndarray, ref_
     m = max(ref_rows, 1)
     critical = KS_ALPHA_1PCT * math.sqrt((n + m) / (n * m))
     state = "drift" if psi >= PSI_DRIFT or ks > critical else "watch" if psi >= PSI_WATCH else "stable"
-    return {"psi": round(psi, 4), "ks": round(ks, 4), "ks_critical": round(critical, 4), "state": state}
+    return {
+        "psi": round(psi, 4),
+        "ks": round(ks, 4),
+        "ks_critical": round(critical, 4),
+        "state": state,
+        "bins": [int(c) for c in live],  # live rows per training decile: a histogram, never a value
+    }

@@ -17,6 +17,8 @@ from bedside.streams.service import Streams
 
 ECG_PREFIX = "/v2/streams/ecg/"
 POLICY_VIOLATION = 1008
+MIN_GAP_S = 0.2  # a live status snapshot at most this often, however many events come
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 TOO_BIG = 1009
 
 
@@ -78,17 +80,7 @@ async def serve_sse(streams: Streams, receive: Any, send: Any, allowed: Callable
     `allowed()` (checked before each event and keep-alive) raises: its caller was revoked."""
     queue = streams.subscribe()
     keepalive = streams.settings.alerts.keepalive_s
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", b"text/event-stream"),
-                (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no"),
-            ],
-        }
-    )
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
     await send({"type": "http.response.body", "body": b": bedside alert stream\n\n", "more_body": True})
 
     async def until_disconnect() -> None:
@@ -119,6 +111,57 @@ async def serve_sse(streams: Streams, receive: Any, send: Any, allowed: Callable
         return
     finally:
         streams.unsubscribe(queue)
+        disconnected.cancel()
+        with contextlib.suppress(Exception):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def serve_status(
+    snapshot: Callable[[], bytes],
+    streams: Streams | None,
+    interval_s: float,
+    receive: Any,
+    send: Any,
+    allowed: Callable[[], None],
+) -> None:
+    """The status page's live feed (SSE): a snapshot at once, then every `interval_s`, and at once
+    (at most every MIN_GAP_S) when an alert or score is published. `snapshot()` runs off the event
+    loop (it computes percentiles and drift); `allowed()` ends the feed of a revoked caller."""
+    loop = asyncio.get_running_loop()
+    queue = streams.subscribe() if streams is not None else None
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+
+    async def until_disconnect() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    disconnected = asyncio.ensure_future(until_disconnect())
+    try:
+        while True:
+            try:
+                allowed()
+            except BedsideError:
+                return
+            body = await loop.run_in_executor(None, snapshot)
+            await send({"type": "http.response.body", "body": b"event: snapshot\ndata: " + body + b"\n\n",
+                        "more_body": True})  # fmt: skip
+            waiters: set[asyncio.Future[Any]] = {disconnected}
+            if queue is not None:
+                waiters.add(asyncio.ensure_future(queue.get()))
+            done, _ = await asyncio.wait(waiters, timeout=interval_s, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters - {disconnected}:
+                waiter.cancel()
+            if disconnected in done:
+                return
+            if queue is not None:
+                while not queue.empty():  # a burst of scores becomes one snapshot
+                    queue.get_nowait()
+                await asyncio.sleep(MIN_GAP_S)
+    except OSError:
+        return
+    finally:
+        if streams is not None and queue is not None:
+            streams.unsubscribe(queue)
         disconnected.cancel()
         with contextlib.suppress(Exception):
             await send({"type": "http.response.body", "body": b"", "more_body": False})

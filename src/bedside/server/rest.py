@@ -27,7 +27,8 @@ from bedside.monitoring.redact import describe_exception
 from bedside.protocol.codec import decode_request, encode_response
 from bedside.protocol.types import ANONYMOUS, Caller, InferRequest
 from bedside.server.connections import PEER_KEY
-from bedside.server.events import serve_ecg, serve_sse
+from bedside.server.events import serve_ecg, serve_sse, serve_status
+from bedside.server.status import PAGE_POLICY, StatusBoard, page_asset
 from bedside.settings import ServerSettings
 from bedside.streams.service import Streams
 
@@ -61,8 +62,15 @@ def error_response(exc: BedsideError) -> Response:
 
 
 class App:
-    def __init__(self, dataplane: Dataplane, settings: ServerSettings, streams: Streams | None = None) -> None:
+    def __init__(
+        self,
+        dataplane: Dataplane,
+        settings: ServerSettings,
+        streams: Streams | None = None,
+        board: StatusBoard | None = None,
+    ) -> None:
         self.dataplane = dataplane
+        self.board = board or StatusBoard(dataplane, streams)
         self.max_body = settings.max_body_mb << 20
         self.max_bodies = settings.max_bodies_mb << 20
         self.inline_decode = settings.inline_decode_kb << 10
@@ -86,11 +94,32 @@ class App:
                 await _send(send, error_response(exc))
                 return
             await serve_sse(self.streams, receive, send, allowed)
+        elif kind == "http" and scope["path"] == "/status/stream":
+            await self._status_stream(scope, receive, send)
         elif kind == "websocket":
             await serve_ecg(self.streams, scope, receive, send, self._feeder(scope))
         elif kind == "http":
             await _send(send, await self._handle(scope, receive))
         # no lifespan: server.run starts and stops the dataplane, the streams and gRPC itself
+
+    async def _status_stream(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The status page's live snapshots (SSE, monitor role)."""
+        try:
+            _require(scope["method"], "GET", scope)
+            caller = self._caller(scope, "status")
+            self.dataplane.require(caller, MONITOR, "status")
+        except BedsideError as exc:
+            await _send(send, error_response(exc))
+            return
+
+        def allowed() -> None:  # checked again before every snapshot: a revoked caller's feed ends
+            self.dataplane.require(self._caller(scope, "status"), MONITOR, "status")
+
+        def snapshot() -> bytes:
+            return orjson.dumps(self.board.snapshot(caller))
+
+        interval = self.board.monitoring.status_interval_s
+        await serve_status(snapshot, self.streams, interval, receive, send, allowed)
 
     def _caller(self, scope: dict[str, Any], transport: str) -> Caller:
         """Who sends this request: with authentication on, the caller its bearer token or (over
@@ -136,8 +165,15 @@ class App:
             loop = asyncio.get_running_loop()
             text = await loop.run_in_executor(None, metrics_text, self.dataplane, caller, "rest", extra)
             return Response(200, text, [(b"content-type", METRICS_CONTENT_TYPE.encode())])
+        if parts[:1] == ["status"] and len(parts) <= 2:  # the page itself holds no data: anyone may load it
+            _require(method, "GET", scope)
+            asset = page_asset(parts[1] if len(parts) == 2 else "")
+            if asset is None:
+                raise NotFound(f"no route {scope['path']}")
+            headers = [(b"content-type", asset[1].encode()), (b"content-security-policy", PAGE_POLICY.encode())]
+            return Response(200, asset[0], [*headers, (b"x-content-type-options", b"nosniff")])
         if not parts or parts[0] != "v2":
-            raise NotFound(f"no route {scope['path']}; the API lives under /v2 (and /metrics)")
+            raise NotFound(f"no route {scope['path']}; the API lives under /v2 (and /metrics, /status)")
         rest = parts[1:]
         dataplane = self.dataplane
         if rest[:1] == ["health"] and len(rest) == 2:  # probes answer anyone: they say nothing but up / ready
@@ -178,6 +214,11 @@ class App:
         if not rest:
             _require(method, "GET", scope)
             return json_response(dataplane.server_metadata(caller).to_dict())
+        if rest in (["status"], ["aggregate"]):  # computed off the event loop (percentiles, drift)
+            _require(method, "GET", scope)
+            view = self.board.snapshot if rest == ["status"] else self.board.export
+            doc = await asyncio.get_running_loop().run_in_executor(None, view, caller, "rest")
+            return json_response(doc)
         if rest[0] in ("beds", "alerts", "streams") and self.streams is not None:
             _require(method, "GET", scope)
             dataplane.require(caller, MONITOR, "rest")

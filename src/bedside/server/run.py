@@ -28,6 +28,7 @@ from bedside.security.keys import KeyProviderError, KeyRing, load_keyring
 from bedside.security.tls import TLSConfigError, grpc_credentials_args, server_context
 from bedside.server.connections import PeerWebSocketProtocol, protocol_for
 from bedside.server.rest import App
+from bedside.server.status import StatusBoard
 from bedside.settings import SecuritySettings, Settings, audit_path, callers_path, state_dir
 from bedside.streams.mllp_auth import listener_security
 from bedside.streams.service import Streams
@@ -192,7 +193,8 @@ async def _serve(repository: Path, settings: Settings) -> None:
         raise StartupError(str(exc)) from None
     dataplane = Dataplane(repository, settings.limits, access, keys=keys, histograms=settings.monitoring.histograms)
     streams = Streams(dataplane, settings, keys=keys) if settings.streams.enabled else None
-    app = App(dataplane, server, streams)
+    board = StatusBoard(dataplane, streams, settings.monitoring)
+    app = App(dataplane, server, streams, board)
     http = _HTTPServer(
         uvicorn.Config(
             app,
@@ -246,6 +248,7 @@ async def _serve(repository: Path, settings: Settings) -> None:
         loading = asyncio.get_running_loop().run_in_executor(None, dataplane.start)
         loading.add_done_callback(_report_loading)
         if agent is not None:
+            board.updates = agent.reporter.status
             loading.add_done_callback(lambda _: agent.start())
         await http.serve(sockets=[sock])
     finally:

@@ -131,12 +131,17 @@ class ECGStats:
 
     def __init__(self) -> None:
         self.windows = 0
+        self.over_budget = 0  # windows the model scored later than ecg.budget_ms
+        self.degraded = 0  # windows without the model (heart rate from R peaks only)
         self.latency = LatencyWindow()
 
-    def record(self, latency_ms: float | None) -> None:
+    def record(self, latency_ms: float | None, within_budget: bool | None = None) -> None:
         self.windows += 1
-        if latency_ms is not None:
+        if latency_ms is None:
+            self.degraded += 1
+        else:
             self.latency.record(int(latency_ms * 1e6))
+            self.over_budget += within_budget is False
 
 
 class ECGSession:
@@ -153,7 +158,7 @@ class ECGSession:
         results = []
         for end, window in self.windows.push(decode_chunk(data, self.settings.max_chunk_s)):
             result = await self.classify(end, window)
-            self.stats.record(result.latency_ms)
+            self.stats.record(result.latency_ms, result.within_budget)
             alert = self.policy.decide(
                 result.rhythm, result.probability or 0.0, result.confirmed, result.source, time.time()
             )

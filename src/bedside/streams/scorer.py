@@ -42,6 +42,8 @@ class VitalsScorer:
         )
         self.cycles = 0
         self.latency = LatencyWindow()  # one batched model call per cycle
+        self.scored = {"model": 0, "rules": 0}  # bed scorings by the model, and degraded to the rules
+        self.latest: dict[str, VitalsScore] = {}  # each held bed's last score, for the status page
 
     async def run(self) -> None:
         # The first cycle waits (at most one interval) for the repository to finish loading, so
@@ -71,7 +73,10 @@ class VitalsScorer:
             snapshots.append((bed, state.vitals(now), vector, completeness))
             if i % SLICE == SLICE - 1:
                 await asyncio.sleep(0)
-        self.policy.forget({snap[0] for snap in snapshots})
+        held = {snap[0] for snap in snapshots}
+        self.policy.forget(held)
+        for bed in [b for b in self.latest if b not in held]:  # as bounded as the beds are
+            del self.latest[bed]
         minimum = self.settings.min_completeness
         usable = [k for k, snap in enumerate(snapshots) if snap[3] >= minimum]
         risks, source, model_problem = await self._model_risks([snapshots[k][2] for k in usable])
@@ -143,6 +148,8 @@ class VitalsScorer:
             degraded=bool(problem),
             reason=f"AI assistance degraded: {problem}; scored by NEWS2/qSOFA rules" if problem else "",
         )
+        self.scored["rules" if problem else "model"] += 1
+        self.latest[bed] = score
         self.bus.publish(score)
         alert = self.policy.decide(score, early_warning.reason(), sepsis.criteria)
         if alert is not None:

@@ -46,7 +46,23 @@ class Reporter:
         self.timeout_s = timeout_s
         self.pending: bytes | None = None
         self.last: dict[str, Any] = {}
+        self.now: dict[str, Any] = {}
         self.sent = 0
+
+    def status(self) -> dict[str, Any]:
+        """Per model: what the last pass did (`now`), the last change and its version, for the status
+        page and the aggregate export."""
+        models = {}
+        for model in sorted({*self.now, *self.last}):
+            now, last = self.now.get(model) or {}, self.last.get(model) or {}
+            models[model] = {
+                "now": now.get("action"),
+                "last": last.get("action"),
+                "version": last.get("version"),
+                "serving": last.get("serving"),
+                "reason": last.get("reason") or now.get("reason") or "",
+            }
+        return {"models": models, "reports_sent": self.sent}
 
     def send(self, outcomes: Sequence[Any], states: dict[str, Any]) -> bool:
         now = {}
@@ -54,6 +70,7 @@ class Reporter:
             now[outcome.model] = {"action": outcome.action, "version": outcome.version, "reason": outcome.reason}
             if outcome.action not in QUIET or outcome.model not in self.last:  # "nothing to do" keeps the last change
                 self.last[outcome.model] = asdict(outcome)
+        self.now = now
         report = {
             "device": self.device_id,
             "groups": self.groups,
