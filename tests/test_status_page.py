@@ -33,8 +33,9 @@ PID = (
     f"||{PHONE}|||||{ACCOUNT}|{SSN}"
 )
 BEDS = ["ICU-1", "ICU-2", "ICU-3", "ICU-4"]
-CALM = {"heart_rate": 72, "respiratory_rate": 14, "systolic_bp": 124, "diastolic_bp": 78, "spo2": 98, "temperature": 36.8}
-SICK = {"heart_rate": 138, "respiratory_rate": 31, "systolic_bp": 84, "diastolic_bp": 50, "spo2": 86, "temperature": 39.6}
+VITALS = ("heart_rate", "respiratory_rate", "systolic_bp", "diastolic_bp", "spo2", "temperature")
+CALM = dict(zip(VITALS, (72, 14, 124, 78, 98, 36.8), strict=True))
+SICK = dict(zip(VITALS, (138, 31, 84, 50, 86, 39.6), strict=True))
 
 
 def with_patient(message: str) -> str:

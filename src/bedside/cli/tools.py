@@ -163,3 +163,37 @@ def samples(
         make_samples(out, force, lambda line: console.print(f"  {escape(line)}", soft_wrap=True))
     except SamplesError as exc:
         fail(str(exc), 2)
+
+
+def aggregate(
+    url: UrlOption = "http://127.0.0.1:8000",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the export to this file (default: print it).")
+    ] = None,
+) -> None:
+    """The de-identified aggregate of a running bedside for a central dashboard (GET /v2/aggregate):
+    counts and latency histograms per model with small counts withheld, drift per feature, streams and
+    update figures; no identifiers, no values, times in whole windows. Needs the monitor role
+    (BEDSIDE_TOKEN) when authentication is on. Exit 1 when the server cannot be reached or refuses."""
+    import json
+
+    from bedside.tools.client import Client, ServerError
+
+    client = Client(url)
+    try:
+        doc = client.request("GET", "/v2/aggregate")
+    except ServerError as exc:
+        fail(f"the server refused the export: {exc}", 1)
+    except OSError as exc:
+        fail(f"cannot reach {url}: {exc.strerror or type(exc).__name__}", 1)
+    finally:
+        client.close()
+    text = json.dumps(doc, indent=2) + "\n"
+    if out is None:
+        print(text, end="")
+        return
+    try:
+        out.write_text(text)
+    except OSError as exc:
+        fail(f"cannot write {out.name}: {exc.strerror or type(exc).__name__}", 2)
+    console.print(f"wrote the aggregate export ({len(doc['models'])} model versions) to {escape(str(out))}")
