@@ -56,8 +56,12 @@ def row(**extra):
 
 
 def test_the_export_withholds_small_counts_and_names_no_tenant_or_bed():
-    streams = {"beds": 14, "mllp": {"accepted": 300, "rejected": 2, "port": 2575, "ingest_pid": 4242},
-               "alerts": {"published": 40, "by_level": {"1": 7, "3": 2}}, "ecg": {"windows": 0, "p99_ms": None}}  # fmt: skip
+    streams = {
+        "beds": 14,
+        "mllp": {"accepted": 300, "rejected": 2, "port": 2575, "ingest_pid": 4242},
+        "alerts": {"published": 40, "by_level": {"1": 7, "3": 2}},
+        "ecg": {"windows": 0, "p99_ms": None},
+    }
     doc = aggregate([row()], streams, None, started=0.0, now=7200.0, k=10, window_min=60, server_version="x")
     (model,) = doc["models"]
     assert model["requests"] == {"ok": 42, "failed": None, "rejected": {"DeadlineExceeded": None, "Overloaded": 12}}
