@@ -650,7 +650,10 @@ def test_unexpected_errors_are_internal_and_logged_without_request_data(caplog):
 
     with caplog.at_level(logging.ERROR, logger="bedside.server.grpc"):
         first, second = asyncio.run(main())
-    assert first.aborted == (Code.INTERNAL, INTERNAL_MESSAGE, ())
+    code, message, trailing = first.aborted
+    assert code == Code.INTERNAL and message.startswith(INTERNAL_MESSAGE) and trailing == ()
+    incident = message.rsplit(" ", 1)[1]  # the id the operator finds the log line by
+    assert [r.request_id for r in caplog.records] == [incident] and len(incident) == 12
     assert "ValueError" in caplog.text and "ModelMetadata" in caplog.text
     assert "MRN-0042" not in caplog.text and "3.14159" not in caplog.text
     assert second.aborted == (Code.RESOURCE_EXHAUSTED, "queue full", (("retry-after", "2"),))

@@ -124,3 +124,18 @@ def test_histograms_off_counts_requests_without_buckets_or_drift(tmp_path):
     assert sample(found, "bedside_requests", "bedside_requests_total", **key, outcome="ok") == 5
     assert not found.get("bedside_request_duration_seconds") and not found.get("bedside_priority_requests")
     assert "histograms" not in row.detail and row.detail["latency"]["count"] == 5  # percentiles stay
+
+
+def test_update_agent_figures_are_labelled_families_not_names():
+    from bedside.dataplane.metrics import render
+
+    updates = {"models": {"vitals": {"now": "watching", "last": "installed", "version": 3}}, "reports_sent": 4}
+    found = families(render([], {"updates": updates, "streams": {"beds": 2}}))
+    assert sample(found, "bedside_update_pass", "bedside_update_pass", model="vitals", action="watching") == 1
+    assert (
+        sample(found, "bedside_update_last_change", "bedside_update_last_change", model="vitals", action="installed")
+        == 1
+    )
+    assert sample(found, "bedside_update_version", "bedside_update_version", model="vitals") == 3
+    assert sample(found, "bedside_update_reports", "bedside_update_reports_total") == 4
+    assert sample(found, "bedside_streams_beds", "bedside_streams_beds") == 2

@@ -88,7 +88,11 @@ class _Collector:
         yield from (requests, tenants, priorities, inferences, executions, state, depth)
         yield from (*seconds.values(), tenant_seconds, batch)
         yield from (drift.psi, drift.ks, drift.state, drift.rows)
-        yield from _gauges("bedside", self.extra)
+        gauges = dict(self.extra)
+        updates = gauges.pop("updates", None)
+        if updates is not None:
+            yield from _updates(updates)
+        yield from _gauges("bedside", gauges)
 
 
 class _DriftFamilies:
@@ -115,6 +119,23 @@ def _drift(families: _DriftFamilies, key: list[str], drift: Mapping[str, Any] | 
             families.psi.add_metric([*key, feature], figures["psi"])
             families.ks.add_metric([*key, feature], figures["ks"])
         families.state.add_metric([*key, feature, figures["state"]], 1)
+
+
+def _updates(status: Mapping[str, Any]) -> Iterator[Metric]:
+    """The update agent: per model, the last pass's action and the last change's action and version."""
+    labels = ["model", "action"]
+    now = GaugeMetricFamily("bedside_update_pass", "1 for what the agent's last pass did to a model", labels=labels)
+    last = GaugeMetricFamily("bedside_update_last_change", "1 for a model's last update change", labels=labels)
+    version = GaugeMetricFamily("bedside_update_version", "Version of a model's last update change", labels=["model"])
+    for model, entry in (status.get("models") or {}).items():
+        if entry.get("now"):
+            now.add_metric([model, entry["now"]], 1)
+        if entry.get("last"):
+            last.add_metric([model, entry["last"]], 1)
+        if isinstance(entry.get("version"), int):
+            version.add_metric([model], entry["version"])
+    yield from (now, last, version)
+    yield CounterMetricFamily("bedside_update_reports", "Update reports sent", value=status.get("reports_sent", 0))
 
 
 def _buckets(hist: Mapping[str, Any]) -> tuple[list[tuple[str, float]], float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -149,8 +150,13 @@ class App:
         except BedsideError as exc:
             return error_response(exc)
         except Exception as exc:
-            log.error("unexpected error on %s: %s", scope["method"], describe_exception(exc))
-            return Response(500, b'{"error":"internal server error; see the server log"}')
+            # an id of our own to find the log line by (the request's own `id` may carry anything)
+            incident = secrets.token_hex(6)
+            log.error(
+                "unexpected error on %s: %s", scope["method"], describe_exception(exc), extra={"request_id": incident}
+            )
+            body = orjson.dumps({"error": f"internal server error; see the server log, request {incident}"})
+            return Response(500, body, [*_JSON, (b"x-request-id", incident.encode())])
         finally:
             self.bodies_held -= call.held
 
@@ -161,7 +167,9 @@ class App:
         if parts == ["metrics"]:  # Prometheus's usual path; rendered off the event loop
             _require(method, "GET", scope)
             caller = self._caller(scope, "rest")
-            extra = {"streams": self.streams.status()} if self.streams is not None else None
+            extra = {"streams": self.streams.status()} if self.streams is not None else {}
+            if self.board.updates is not None:
+                extra["updates"] = self.board.updates()
             loop = asyncio.get_running_loop()
             text = await loop.run_in_executor(None, metrics_text, self.dataplane, caller, "rest", extra)
             return Response(200, text, [(b"content-type", METRICS_CONTENT_TYPE.encode())])

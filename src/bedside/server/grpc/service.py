@@ -20,6 +20,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import secrets
 import ssl
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -91,8 +92,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BedsideError) -> None:
 
 async def _fail(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
     # The message stays out of the log (it could hold tensor values or ids), and so do host paths.
-    log.error("unexpected error in gRPC %s: %s", method, describe_exception(exc))
-    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    incident = secrets.token_hex(6)  # our own id to find the log line by
+    log.error("unexpected error in gRPC %s: %s", method, describe_exception(exc), extra={"request_id": incident})
+    await context.abort(grpc.StatusCode.INTERNAL, f"{INTERNAL_MESSAGE}, request {incident}")
 
 
 def caller_context(parameters: dict[str, Any], metadata: Any, caller: Caller = ANONYMOUS) -> CallContext:
