@@ -19,7 +19,8 @@ from typing import Any
 FORMAT = "bedside-aggregate/1"
 # the streams' counters a dashboard needs; ports, process ids and bed names stay on the box
 STREAM_COUNTERS = {
-    "mllp": ("messages", "naks", "rejected", "shed", "duplicates", "accepted"),
+    # HL7 messages ACKed and NAKed, shed under load; connections taken, refused at the bound, idled out
+    "mllp": ("accepted", "rejected", "shed", "connections", "refused_connections", "idle_closed", "journal_failures"),
     "scoring": ("cycles", "scored_by_model", "degraded_to_rules", "model_p99_ms"),
     "ecg": ("windows", "over_budget", "degraded", "p99_ms", "budget_ms"),
     "alerts": ("published", "dropped_by_slow_subscribers"),

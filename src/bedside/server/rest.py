@@ -117,7 +117,7 @@ class App:
             self.dataplane.require(self._caller(scope, "status"), MONITOR, "status")
 
         def snapshot() -> bytes:
-            return orjson.dumps(self.board.snapshot(caller))
+            return self.board.snapshot_bytes(caller)
 
         interval = self.board.monitoring.status_interval_s
         await serve_status(snapshot, self.streams, interval, receive, send, allowed)

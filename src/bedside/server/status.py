@@ -13,6 +13,8 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+import orjson
+
 from bedside import __version__
 from bedside.dataplane import Dataplane
 from bedside.monitoring.aggregate import aggregate
@@ -21,6 +23,8 @@ from bedside.settings import DEFAULTS, MonitoringSettings
 from bedside.streams.service import Streams
 
 UpdateStatus = Callable[[], dict[str, Any]]
+SHARED_S = 0.2  # a snapshot serves every live feed of one caller this long
+MAX_SHARED = 256  # callers whose last snapshot is kept
 PAGE_FILES = {"": ("status.html", "text/html; charset=utf-8"), "status.js": ("status.js", "text/javascript"),
               "status.css": ("status.css", "text/css")}  # fmt: skip
 # The page loads nothing from elsewhere (no CDN: it works offline) and runs no inline code.
@@ -44,6 +48,7 @@ class StatusBoard:
         self.monitoring = monitoring
         self.updates: UpdateStatus | None = None  # set when the update agent runs
         self.started = time.time()
+        self._shared: dict[tuple[str, str], tuple[float, bytes]] = {}
 
     def snapshot(self, caller: Caller, transport: str = "status") -> dict[str, Any]:
         """Everything the page draws, for what the caller may see (monitor)."""
@@ -77,6 +82,20 @@ class StatusBoard:
             "streams": self._streams(),
             "updates": self.updates() if self.updates is not None else None,
         }
+
+    def snapshot_bytes(self, caller: Caller) -> bytes:
+        """The snapshot as JSON, shared by every live feed of the same caller for SHARED_S: twenty
+        ward displays cost one snapshot, not twenty."""
+        key = (caller.name, caller.tenant)
+        now = time.monotonic()
+        cached = self._shared.get(key)
+        if cached is not None and now - cached[0] < SHARED_S:
+            return cached[1]
+        body = orjson.dumps(self.snapshot(caller))
+        if len(self._shared) >= MAX_SHARED:  # bounded: callers come and go
+            self._shared.clear()
+        self._shared[key] = (now, body)
+        return body
 
     def export(self, caller: Caller, transport: str = "rest") -> dict[str, Any]:
         """The de-identified aggregate a central dashboard may receive (monitor)."""
