@@ -264,6 +264,23 @@ def run_loads(port: int, loads: list[tuple[bytes, int, float]], seconds: float) 
     return run_async(main())
 
 
+def sequential(port: int, request: bytes, seconds: float, warmup: int = 200) -> dict[str, float]:
+    """One keep-alive connection, one request at a time for `seconds` (after `warmup` requests)."""
+    client = BlockingClient(port)
+    try:
+        for _ in range(warmup):
+            client.call(request)
+        lat = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            client.call(request)
+            lat.append(time.perf_counter() - t0)
+        return summarize(lat, time.perf_counter() - start)
+    finally:
+        client.sock.close()
+
+
 def closed_loop(port: int, request: bytes, concurrency: int, seconds: float) -> tuple[list[float], float]:
     """`concurrency` connections, each sending its next request when the last one returns; all must succeed."""
     (outcomes,), wall = run_loads(port, [(request, concurrency, 0.0)], seconds)

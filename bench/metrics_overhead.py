@@ -18,13 +18,11 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # first: from here on a Ctrl-C ends the script without a traceback
-    BlockingClient,
     closed_loop,
     console,
     demo_repo,
@@ -33,6 +31,7 @@ from _common import (  # first: from here on a Ctrl-C ends the script without a 
     main_guard,
     parse_args,
     say,
+    sequential,
     server,
     summarize,
     table,
@@ -89,15 +88,7 @@ def measure(repo: Path, request: bytes, seconds: float, on: bool) -> dict[str, d
             if observer is not None:
                 observer.__enter__()
             try:
-                client = BlockingClient(port)
-                lat = []
-                start = time.perf_counter()
-                while time.perf_counter() - start < seconds:
-                    t0 = time.perf_counter()
-                    client.call(request)
-                    lat.append(time.perf_counter() - t0)
-                c1 = summarize(lat, time.perf_counter() - start)
-                client.sock.close()
+                c1 = sequential(port, request, seconds)
                 lat16, wall = closed_loop(port, request, 16, seconds)
                 c16 = summarize(lat16, wall)
             finally:

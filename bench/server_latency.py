@@ -18,7 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # first: from here on a Ctrl-C ends the script without a traceback
-    BlockingClient,
     closed_loop,
     console,
     demo_repo,
@@ -27,6 +26,7 @@ from _common import (  # first: from here on a Ctrl-C ends the script without a 
     main_guard,
     parse_args,
     say,
+    sequential,
     server,
     summarize,
     table,
@@ -52,19 +52,6 @@ def in_process(repo: Path, x: np.ndarray, seconds: float) -> dict[str, float]:
     while time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         session.run(None, feed)
-        lat.append(time.perf_counter() - t0)
-    return summarize(lat, time.perf_counter() - start)
-
-
-def sequential(port: int, request: bytes, seconds: float) -> dict[str, float]:
-    client = BlockingClient(port)
-    for _ in range(200):
-        client.call(request)
-    lat = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        client.call(request)
         lat.append(time.perf_counter() - t0)
     return summarize(lat, time.perf_counter() - start)
 
