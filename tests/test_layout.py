@@ -26,6 +26,7 @@ RANK = {
     "scheduler": 4,
     "dataplane": 5,
     "alerts": 6,
+    "medication": 6,
     "updates": 6,
     "streams": 7,
     "server": 8,
@@ -39,7 +40,7 @@ RANK = {
 }
 SERVING = {"errors", "settings", "protocol", "clinical", "modelconfig", "monitoring", "security", "runtime"}
 SERVING |= {"repository"}
-SERVING |= {"scheduler", "dataplane", "alerts", "streams", "server", "updates"}
+SERVING |= {"scheduler", "dataplane", "alerts", "streams", "server", "updates", "medication"}
 NOT_FOR_SERVING = {"synthetic", "pipeline", "models", "tools", "cli"}
 WIRE_MODULES = {"uvicorn", "grpc", "starlette", "websockets", "h11", "httptools"}
 ASGI_EVENTS = ("http.response.", "http.request", "http.disconnect", "websocket.", "lifespan.")
