@@ -24,7 +24,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # first: from here on a Ctrl-C ends the script without a traceback
-    BlockingClient,
     closed_loop,
     console,
     demo_repo,
@@ -36,6 +35,7 @@ from _common import (  # first: from here on a Ctrl-C ends the script without a 
     require,
     run_async,
     say,
+    sequential,
     server,
     summarize,
     table,
@@ -87,19 +87,6 @@ def infer_message(x: np.ndarray) -> bytes:
     request.inputs.add(name="features", datatype="FP32", shape=x.shape)
     request.raw_input_contents.append(x.tobytes())
     return request.SerializeToString()
-
-
-def rest_sequential(port: int, request: bytes, seconds: float) -> dict[str, float]:
-    client = BlockingClient(port)
-    for _ in range(WARMUP):
-        client.call(request)
-    lat = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        client.call(request)
-        lat.append(time.perf_counter() - t0)
-    return summarize(lat, time.perf_counter() - start)
 
 
 def grpc_sequential(port: int, request: bytes, seconds: float) -> dict[str, float]:
@@ -187,7 +174,7 @@ def main() -> None:
         with server(repo, "--grpc-port", str(grpc_port)) as (proc, port):
             pid = proc.pid
             rows.append(
-                measured(pid, "REST, binary tensors", 1, seconds, lambda: rest_sequential(port, rest_req, seconds))
+                measured(pid, "REST, binary tensors", 1, seconds, lambda: sequential(port, rest_req, seconds, WARMUP))
             )
             rows.append(
                 measured(pid, "gRPC, raw contents", 1, seconds, lambda: grpc_sequential(grpc_port, grpc_req, seconds))

@@ -13,6 +13,7 @@ writes bench/results/metrics_overhead.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -85,15 +86,10 @@ def measure(repo: Path, request: bytes, seconds: float, on: bool) -> dict[str, d
         with server(repo) as (_, port):
             closed_loop(port, request, 16, 1.0)  # warm the connections, the loop and the model
             observer = Observer(port) if on else None
-            if observer is not None:
-                observer.__enter__()
-            try:
+            with observer or contextlib.nullcontext():
                 c1 = sequential(port, request, seconds)
                 lat16, wall = closed_loop(port, request, 16, seconds)
                 c16 = summarize(lat16, wall)
-            finally:
-                if observer is not None:
-                    observer.__exit__()
             if observer is not None and observer.scrapes == 0:
                 raise RuntimeError("/metrics was never scraped during the load")
     finally:

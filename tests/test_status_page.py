@@ -188,8 +188,7 @@ def test_the_export_is_coarse_and_suppresses_small_counts(run):
     assert breast["requests"]["ok"] == 5  # five answered: at least k, sent as is
     request = breast["latency_ms"]["request"]
     assert sum(request["counts"]) == 5 and all(n == 0 or n >= 3 for n in request["counts"])
-    beds = export["streams"]["beds"]
-    assert beds is None or beds >= 3
+    assert export["streams"]["beds"] in (len(BEDS), len(BEDS) + 1)  # ICU-9 too once the browser test raised its alert
     text = json.dumps(export)
     for bed in [*BEDS, "ICU-9"]:
         assert bed not in text  # beds are counted, never named
