@@ -22,17 +22,19 @@ RANK = {
     "monitoring": 2,
     "security": 2,
     "runtime": 3,
+    "graphs": 4,
     "repository": 4,
     "scheduler": 4,
     "dataplane": 5,
     "alerts": 6,
-    "medication": 6,
+    "medication": 5,
     "updates": 6,
     "streams": 7,
     "server": 8,
     # not serving: data generation, model building, client tools, the command line
     "synthetic": 2,
     "pipeline": 9,
+    "planning": 9,
     "tools": 9,
     "models": 10,
     "cli": 11,
@@ -40,8 +42,8 @@ RANK = {
 }
 SERVING = {"errors", "settings", "protocol", "clinical", "modelconfig", "monitoring", "security", "runtime"}
 SERVING |= {"repository"}
-SERVING |= {"scheduler", "dataplane", "alerts", "streams", "server", "updates", "medication"}
-NOT_FOR_SERVING = {"synthetic", "pipeline", "models", "tools", "cli"}
+SERVING |= {"scheduler", "dataplane", "alerts", "streams", "server", "updates", "medication", "graphs"}
+NOT_FOR_SERVING = {"synthetic", "pipeline", "models", "tools", "cli", "planning"}
 WIRE_MODULES = {"uvicorn", "grpc", "starlette", "websockets", "h11", "httptools"}
 ASGI_EVENTS = ("http.response.", "http.request", "http.disconnect", "websocket.", "lifespan.")
 

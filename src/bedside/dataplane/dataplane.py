@@ -11,29 +11,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from time import perf_counter_ns
 from typing import Any, NoReturn
 
-from bedside import __version__
-from bedside.dataplane.access import ADMIN, DESCRIBE, INFER, MONITOR, NO_TENANT, Access, restricted
+from bedside.dataplane.access import ADMIN, INFER, MONITOR, Access, restricted
+from bedside.dataplane.describe import Describe, parse_version
+from bedside.dataplane.graphs import explain_graph_missing, graph_index_row, graph_statistics
 from bedside.dataplane.lifecycle import Lifecycle
 from bedside.dataplane.metrics import render as render_metrics
 from bedside.dataplane.stats import version_statistics
 from bedside.dataplane.types import (
     CallContext,
-    ModelContract,
-    ModelMetadata,
     RepositoryEntry,
-    ServerMetadata,
-    TensorMetadata,
     VersionStatistics,
 )
 from bedside.errors import BedsideError, NotFound, Retired, Unavailable
-from bedside.modelconfig.model import AccessSpec, ModelConfig, TensorSpec
-from bedside.protocol.types import SYSTEM, Caller, InferRequest, InferResponse
-from bedside.repository.manager import ModelEntry, RepositoryManager, State
+from bedside.graphs.loaded import GraphSet
+from bedside.protocol.types import Caller, InferRequest, InferResponse
+from bedside.repository.manager import RepositoryManager, State
 from bedside.repository.store import ModelStore
 from bedside.scheduler.scheduler import Scheduler
 from bedside.scheduler.worker import ModelQueue
@@ -41,20 +37,10 @@ from bedside.security.callers import Peer
 from bedside.security.keys import KeyRing
 from bedside.settings import DEFAULTS, LimitSettings
 
-EXTENSIONS = ("binary_tensor_data", "model_repository", "statistics", "model_configuration")
 INTERNAL = CallContext()
 
 
-def parse_version(version: str | None) -> int | None:
-    """'' or None: the newest ready version. Only ASCII digits count: '²' is a digit to Python."""
-    if version is None or version == "":
-        return None
-    if not (version.isascii() and version.isdigit()) or len(version) > 18 or int(version) < 1:
-        raise NotFound(f"version {version[:32]!r} is not a positive integer")
-    return int(version)
-
-
-class Dataplane:
+class Dataplane(Describe):
     def __init__(
         self,
         repository: Path,
@@ -76,6 +62,7 @@ class Dataplane:
             limits.drift_window,
             histograms,
         )
+        self._graphs = GraphSet(repository, self._graph_model_config, self._infer, limits.max_tenant_stats, histograms)
         self.access = access or Access()
         self.lifecycle = Lifecycle(self._manager, self.access)  # the update agent's admin calls
         self._audit = self.access.audit
@@ -104,6 +91,7 @@ class Dataplane:
     def start(self) -> None:
         """Load every model in the repository (blocking; run it beside a listening server)."""
         self._manager.load_all()
+        self._graphs.load_all()  # after the models: a graph is checked against their configs
         self._started = True
 
     def close(self) -> None:
@@ -145,9 +133,19 @@ class Dataplane:
     async def _infer(
         self, model: str, version: str | None, request: InferRequest, context: CallContext
     ) -> InferResponse:
+        graph = self._graphs.find(model)
+        if graph is not None:
+            self._graph_serving(graph, version, context.caller, context.transport)
+            return await graph.run(request, context)
         number = parse_version(version)
         caller = context.caller
         queue = self._serving(model, number, caller, context.transport)
+        cache = queue.cache
+        if cache is not None:
+            key = cache.key(context.tenant, request)
+            hit = cache.get(key)
+            if hit is not None:
+                return InferResponse(model, queue.version_text, hit[0], request.id, hit[1], True)
         try:
             future = queue.submit(request, context)
         except Retired:
@@ -155,6 +153,8 @@ class Dataplane:
             queue = self._serving(model, number, caller, context.transport)
             future = queue.submit(request, context)
         outputs = await future
+        if cache is not None:
+            cache.put(key, outputs, {**(queue.answer_parameters or {}), "cached": True})
         return InferResponse(
             model, queue.version_text, outputs, request.id, queue.answer_parameters, queue.signature.finite_only
         )
@@ -164,6 +164,9 @@ class Dataplane:
         before a transport spends time reading and decoding the body (a wrong URL answers 404
         whatever it carries). Returns the most input elements a request to it can carry (None: not bounded)."""
         try:
+            graph = self._graphs.find(model)
+            if graph is not None:
+                return self._graph_serving(graph, version, caller, transport).signature.max_elements
             return self._serving(model, parse_version(version), caller, transport).signature.max_elements
         except BedsideError as exc:
             self.refused(model, version, caller, transport, exc)
@@ -184,26 +187,11 @@ class Dataplane:
         queue = self._scheduler.find(model, version)
         if queue is None:
             self._check_model(caller, model, transport)
+            if self._graphs.is_graph(model):
+                explain_graph_missing(self._graphs, model)
             self._explain_missing(model, version)
         self.access.check_model(caller, model, queue.model.config.access, transport)
         return queue
-
-    def _check_model(self, caller: Caller, name: str, transport: str = "") -> None:
-        """404, worded as for a model that does not exist, unless the caller may see this one."""
-        self.access.check_model(caller, name, self._access_of(name), transport)
-
-    def _access_of(self, name: str) -> AccessSpec | None:
-        """The model's [access] from its loaded config, else from its folder (None: no config.toml,
-        the default tenant's). A config that cannot be read gives no tenant access: its [access]
-        is unknown, so only the server itself and an unauthenticated operator see the model."""
-        entry = self._manager.entry(name)  # NotFound for a model that does not exist
-        if entry.config is not None:
-            return entry.config.access
-        try:
-            config = self._manager.store.config(name)
-        except BedsideError:
-            return NO_TENANT
-        return None if config is None else config.access
 
     def _explain_missing(self, name: str, version: int | None) -> NoReturn:
         entry = self._manager.entry(name)  # raises NotFound for a model not in the repository
@@ -213,70 +201,6 @@ class Dataplane:
             raise NotFound(f"model {name!r} has no version {version} loaded{why}; it serves {entry.ready_versions()}")
         reason = (status.reason if status else "") or entry.reason or entry.state.value.lower()
         raise Unavailable(f"model {name!r} is not ready: {reason}")
-
-    # --- metadata ------------------------------------------------------------------------------
-
-    def server_metadata(self, caller: Caller) -> ServerMetadata:
-        del caller  # any authenticated caller (the transport has authenticated it)
-        return ServerMetadata("bedside", __version__, EXTENSIONS)
-
-    def _ready_entry(
-        self, name: str, version: int | None, caller: Caller, transport: str = ""
-    ) -> tuple[ModelEntry, ModelConfig, int]:
-        self.access.require(caller, *DESCRIBE, transport=transport)
-        self._check_model(caller, name, transport)
-        entry = self._manager.entry(name)
-        if version is not None and version not in entry.versions:
-            raise NotFound(f"model {name!r} has no version {version}")
-        ready = entry.ready_versions()
-        if entry.config is None or (version is None and not ready):
-            raise Unavailable(f"model {name!r} is not ready: {entry.reason or entry.state.value.lower()}")
-        return entry, entry.config, ready[-1] if version is None else version
-
-    def model_metadata(self, name: str, version: str | None, caller: Caller, transport: str = "") -> ModelMetadata:
-        number = parse_version(version)
-        entry, config, chosen = self._ready_entry(name, number, caller, transport)
-        return ModelMetadata(
-            name=name,
-            versions=tuple(str(v) for v in entry.ready_versions()) if number is None else (str(chosen),),
-            platform=config.platform,
-            inputs=tuple(_tensor(config, s) for s in config.inputs),
-            outputs=tuple(_tensor(config, s) for s in config.outputs),
-        )
-
-    def model_config(self, name: str, version: str | None, caller: Caller, transport: str = "") -> ModelConfig:
-        config = self._ready_entry(name, parse_version(version), caller, transport)[1]
-        if not restricted(caller) or not config.scheduling.tenants:
-            return config
-        # the per-tenant scheduling table names tenants: a caller sees only its own row
-        mine = {t: p for t, p in config.scheduling.tenants.items() if t == caller.tenant}
-        return replace(config, scheduling=replace(config.scheduling, tenants=mine))
-
-    def model_ready(self, name: str, version: str | None, caller: Caller, transport: str = "") -> bool:
-        self.access.require(caller, *DESCRIBE, transport=transport)
-        self._check_model(caller, name, transport)
-        entry = self._manager.entry(name)
-        number = parse_version(version)
-        if number is None:
-            return bool(entry.ready_versions())
-        if number not in entry.versions:
-            raise NotFound(f"model {name!r} has no version {number}")
-        return entry.versions[number].state is State.READY
-
-    def contract(self, name: str) -> ModelContract:
-        """How a stream uses this model: its input, score output and labels, from its config."""
-        _, config, version = self._ready_entry(name, None, SYSTEM)
-        spec = config.contract
-        inputs = {s.name: s for s in config.inputs}
-        return ModelContract(
-            name=name,
-            version=str(version),
-            max_batch_size=config.max_batch_size,
-            input=_tensor(config, inputs[spec.input] if spec.input else config.inputs[0]),
-            score_output=spec.score_output or _default_score_output(config),
-            labels=spec.labels,
-            positive_class=spec.positive_class,
-        )
 
     # --- repository control ------------------------------------------------------------------------
 
@@ -302,13 +226,18 @@ class Dataplane:
                         status.provenance_note,
                     )
                 )
+        for graph in self._graphs.entries():
+            if self.access.sees(caller, self._access_of(graph.name)):
+                rows.append(graph_index_row(graph))
         return rows
 
     async def load(self, name: str, caller: Caller, transport: str = "") -> None:
-        await self._control("load", self._manager.load, name, caller, transport)
+        load = self._graphs.load if self._graphs.is_graph(name) else self._manager.load
+        await self._control("load", load, name, caller, transport)
 
     async def unload(self, name: str, caller: Caller, transport: str = "") -> None:
-        await self._control("unload", self._manager.unload, name, caller, transport)
+        unload = self._graphs.unload if self._graphs.is_graph(name) else self._manager.unload
+        await self._control("unload", unload, name, caller, transport)
 
     async def _control(
         self, action: str, run: Callable[[str], object], name: str, caller: Caller, transport: str
@@ -335,12 +264,20 @@ class Dataplane:
         shared with it) nothing of the model-wide counts that other tenants' requests make up."""
         self.access.require(caller, MONITOR, transport=transport)
         number = parse_version(version)
+        graphs = []
         if name:
             self._check_model(caller, name, transport)
-            entries = [self._manager.entry(name)]
+            graph = self._graphs.entry(name)
+            entries = [] if graph is not None else [self._manager.entry(name)]
+            graphs = [graph] if graph is not None and number in (None, 1) else []
         else:
             entries = [e for e in self._manager.entries() if self.access.sees(caller, self._access_of(e.name))]
+            graphs = [g for g in self._graphs.entries() if self.access.sees(caller, self._access_of(g.name))]
         rows = []
+        for graph in graphs:
+            owned = self.access.owns(caller, self._access_of(graph.name))
+            row = graph_statistics(graph)
+            rows.append(row if not restricted(caller) else row.for_tenant(caller.tenant, owned))
         for entry in entries:
             owned = self.access.owns(caller, self._access_of(entry.name))
             for v, status in sorted(entry.versions.items()):
@@ -360,17 +297,3 @@ def metrics_text(
     audit = dataplane.access.audit
     more = {**(extra or {}), **({"audit": audit.stats()} if audit is not None else {})}
     return render_metrics(rows, more)
-
-
-def _default_score_output(config: ModelConfig) -> str:
-    """Without a contract: an output named `probabilities` (what scikit-learn, LightGBM and XGBoost
-    converters write beside `label`), else the first floating-point output, else the first one."""
-    names = [s.name for s in config.outputs]
-    if "probabilities" in names:
-        return "probabilities"
-    floats = [s.name for s in config.outputs if s.datatype in ("FP16", "FP32", "FP64")]
-    return floats[0] if floats else names[0]
-
-
-def _tensor(config: ModelConfig, spec: TensorSpec) -> TensorMetadata:
-    return TensorMetadata(spec.name, spec.datatype, config.full_shape(spec))

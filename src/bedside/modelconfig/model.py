@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from bedside.errors import ModelLoadError
+from bedside.modelconfig.cache import CacheSpec, parse_cache
 from bedside.modelconfig.scheduling import SchedulingPolicy, parse_policy
 from bedside.protocol.datatypes import DATATYPES
 from bedside.protocol.types import DEFAULT_TENANT
 
 CONFIG_FILE = "config.toml"
+GRAPH_FILE = "graph.toml"  # a folder with one is an inference graph (bedside.graphs), not a model
 PROVIDERS = ("tensorrt", "cuda", "openvino", "cpu")
 DEFAULT_MAX_BATCH = 32
 _TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -117,6 +119,7 @@ class ModelConfig:
     warmup: WarmupSpec | None = field(default_factory=WarmupSpec)
     scheduling: SchedulingPolicy = field(default_factory=SchedulingPolicy)
     contract: ContractSpec = field(default_factory=ContractSpec)
+    cache: CacheSpec | None = None  # answers kept for identical inputs, per tenant (off by default)
     access: AccessSpec = field(default_factory=AccessSpec)  # not in to_dict: tenants see no other tenant's name
     # NaN/Infinity in inputs or outputs: refused by default (a clinical score from a NaN is no score)
     allow_non_finite: bool = False
@@ -142,6 +145,8 @@ class ModelConfig:
         if self.warmup is not None:
             doc["warmup"] = self.warmup.to_dict()
         doc.update(self.scheduling.to_dict())
+        if self.cache is not None:
+            doc["cache"] = self.cache.to_dict()
         if self.contract.to_dict():
             doc["contract"] = self.contract.to_dict()
         return doc
@@ -166,6 +171,7 @@ _TOP_KEYS = {
     "contract",
     "allow_non_finite",
     "access",
+    "cache",
 }
 
 
@@ -202,7 +208,7 @@ def parse_config(doc: dict[str, Any], folder_name: str, folder: Path | None = No
     bad = [p for p in providers if p not in PROVIDERS]
     if bad or not providers:
         raise ModelLoadError(f"execution_providers {list(providers)}: each must be one of {', '.join(PROVIDERS)}")
-    inputs, outputs = _tensors(doc["inputs"], "inputs"), _tensors(doc["outputs"], "outputs")
+    inputs, outputs = parse_tensors(doc["inputs"], "inputs"), parse_tensors(doc["outputs"], "outputs")
     config = ModelConfig(
         name=name,
         description=str(doc.get("description", "")),
@@ -219,7 +225,8 @@ def parse_config(doc: dict[str, Any], folder_name: str, folder: Path | None = No
         ),
         contract=_contract(doc.get("contract"), inputs, outputs, folder),
         allow_non_finite=_bool(doc, "allow_non_finite", _FIELD["allow_non_finite"]),
-        access=_access(doc.get("access")),
+        access=parse_access(doc.get("access")),
+        cache=parse_cache(doc.get("cache")),
     )
     if config.scheduling.reserved_instances >= config.instances:
         raise ModelLoadError(
@@ -229,7 +236,7 @@ def parse_config(doc: dict[str, Any], folder_name: str, folder: Path | None = No
     return config
 
 
-def _access(raw: Any) -> AccessSpec:
+def parse_access(raw: Any) -> AccessSpec:
     if raw is None:
         return AccessSpec()
     if not isinstance(raw, dict) or set(raw) - {"owner", "shared_with"}:
@@ -258,7 +265,7 @@ def _bool(doc: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _tensors(raw: Any, where: str) -> tuple[TensorSpec, ...]:
+def parse_tensors(raw: Any, where: str) -> tuple[TensorSpec, ...]:
     if not isinstance(raw, list) or not raw:
         raise ModelLoadError(f"{where} must be a non-empty list of tables")
     specs = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bedside.errors import ModelLoadError, model_not_found
-from bedside.modelconfig.model import CONFIG_FILE, ModelConfig, load_config
+from bedside.modelconfig.model import CONFIG_FILE, GRAPH_FILE, ModelConfig, load_config
 from bedside.security.keys import KeyProviderError, KeyRing
 from bedside.security.sealed import MODEL, SUFFIX, SealedError, open_sealed
 
@@ -24,7 +24,11 @@ class ModelStore:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and not (p / GRAPH_FILE).is_file()
+        )
 
     def folder(self, name: str) -> Path:
         # A name must never climb out of the repository ("../etc"), nor reach the file system with

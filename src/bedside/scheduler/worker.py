@@ -20,6 +20,7 @@ import numpy as np
 
 from bedside.errors import BedsideError, DeadlineExceeded, InferenceFailed, NonFiniteOutput, Overloaded, Retired
 from bedside.monitoring.latency import ModelStats
+from bedside.protocol.cache import ResponseCache
 from bedside.protocol.types import CallContext, InferRequest
 from bedside.runtime.session import OnnxModel
 from bedside.runtime.signature import Signature
@@ -44,6 +45,8 @@ class ModelQueue:
         # every answer of a version trained on synthetic data or not at all says so (read-only, shared)
         self.answer_parameters = None if model.provenance == "trained" else {"provenance": model.provenance}
         self.stats = stats
+        spec = model.config.cache  # a reload makes a new queue, and so an empty cache
+        self.cache = None if spec is None else ResponseCache(spec.max_entries, spec.max_bytes)
         self.signature = Signature(model.config)
         self.policy = model.config.scheduling
         self.queue = RequestQueue(self.policy, model.config.max_batch_size, model.config.instances, max_tenants)
