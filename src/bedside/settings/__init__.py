@@ -162,6 +162,13 @@ class LimitSettings:
     )
     max_ws_message_kb: int = _opt(1024, "largest ECG WebSocket message, KiB", 1, 65536)
     drift_window: int = _opt(2048, "input rows per model version kept in memory for drift (never exported)", 64, 10**6)
+    graph_deadline_ms: float = _opt(1000.0, "a graph's deadline when its graph.toml names none, ms", 0.01, 600_000)
+    graph_max_deadline_ms: float = _opt(60_000.0, "the longest deadline a graph.toml may set, ms", 1, 3_600_000)
+    graph_max_steps: int = _opt(64, "steps one graph may have", 1, 4096)
+    cache_max_entries: int = _opt(
+        100_000, "answers one model's [cache] may keep, at most (per model version)", 1, 10**7
+    )
+    cache_max_mb: float = _opt(256.0, "memory one model's [cache] may use, at most, MiB", 0.001, 65_536)
 
 
 def _key_source(value: str) -> str | None:
