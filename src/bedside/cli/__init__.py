@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from bedside.cli import audit, certs, keys, pipeline, serving, tokens, tools, updates
+from bedside.cli import audit, certs, keys, pipeline, plan, serving, tokens, tools, updates
 from bedside.cli.common import console
 
 app = typer.Typer(
@@ -38,6 +38,7 @@ app.add_typer(tokens.app, name="tokens")
 app.add_typer(updates.publish_app, name="publish")
 app.add_typer(updates.rollout_app, name="rollout")
 app.command()(updates.update)
+app.command()(plan.plan)
 
 
 def main() -> None:
