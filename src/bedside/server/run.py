@@ -20,6 +20,7 @@ import uvicorn
 
 from bedside.dataplane import Dataplane
 from bedside.dataplane.access import Access
+from bedside.dataplane.warmup import WarmupTask, start_warmup
 from bedside.errors import BedsideError
 from bedside.monitoring import redact
 from bedside.security.audit import AuditLog
@@ -221,6 +222,7 @@ async def _serve(repository: Path, settings: Settings) -> None:
     grpc_server = None
     loading: asyncio.Future[None] | None = None
     agent: UpdateAgent | None = None
+    warmup: WarmupTask | None = None
     try:
         if streams is not None:
             try:
@@ -250,9 +252,12 @@ async def _serve(repository: Path, settings: Settings) -> None:
         if agent is not None:
             board.updates = agent.reporter.status
             loading.add_done_callback(lambda _: agent.start())
+        warmup = start_warmup(dataplane, settings.warmup)  # None unless warmup.times or keep_hot is set
         await http.serve(sockets=[sock])
     finally:
         sock.close()
+        if warmup is not None:
+            await warmup.stop()  # before the models' workers are closed under it
         if grpc_server is not None:
             await grpc_server.stop(1.0)
         if streams is not None:

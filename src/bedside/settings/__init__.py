@@ -255,6 +255,27 @@ class MonitoringSettings:
     status_alerts: int = _opt(20, "recent alerts the status page shows", 1, 1000)
 
 
+def _times_of_day(value: str) -> str | None:
+    """warmup.times, by the rules of dataplane.warmup_schedule.parse_times (a test holds them together)."""
+    for item in filter(None, (t.strip() for t in value.split(","))):
+        hh, sep, mm = item.partition(":")
+        digits = hh.isascii() and hh.isdigit() and mm.isascii() and mm.isdigit() and len(hh) <= 2 and len(mm) == 2
+        if not (sep and digits and int(hh) <= 23 and int(mm) <= 59):
+            return f"must be times of day HH:MM, comma-separated (local time), or empty: {item!r} is not"
+    return None
+
+
+@dataclass(frozen=True)
+class WarmupSettings:
+    times: str = _opt(
+        "", "HH:MM local times, comma-separated: load and exercise every model; empty: none", check=_times_of_day
+    )
+    keep_hot: str = _opt("", "HH:MM-HH:MM local time when idle models are kept hot; empty: never", check=check_window)
+    keep_hot_idle_s: float = _opt(300.0, "in keep_hot, a model version idle this long is exercised", 1, 86_400)
+    timeout_s: float = _opt(30.0, "longest one warm-up request may queue and run before it counts as failed", 0.1, 600)
+    max_models: int = _opt(256, "model versions one warm-up exercises; beyond, skipped (and named so)", 1, 100_000)
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -266,6 +287,7 @@ class Settings:
     security: SecuritySettings = field(default_factory=SecuritySettings)
     updates: UpdateSettings = field(default_factory=UpdateSettings)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
+    warmup: WarmupSettings = field(default_factory=WarmupSettings)
 
     def replace(self, values: Mapping[str, Any]) -> Settings:
         """A copy with `section.key` values set (strings are parsed and every value checked)."""
