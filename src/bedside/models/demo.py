@@ -20,9 +20,11 @@ import numpy as np
 import tomli_w
 
 from bedside.modelconfig.model import ContractSpec, ModelConfig, TensorSpec, WarmupSpec
+from bedside.models.demo_medication import RISK_NOTE, medication_risk, write_graph
 from bedside.monitoring.drift import REFERENCE_FILE, make_reference
 
-DEMO_STAMP = ".bedside-demo-v6"  # v6: drift references; v5: provenance stamps; v4: configs carry the contract
+# v7: the medication check graph; v6: drift references; v5: provenance stamps; v4: configs carry the contract
+DEMO_STAMP = ".bedside-demo-v7"
 TOLERANCE = 1e-5
 _DEFAULTED = {"scheduling", "queue_policy", "tenants"}  # left to bedside's defaults
 DISCLAIMER = (
@@ -75,6 +77,7 @@ def build_demo(path: Path, ecg: bool = True, progress: Callable[[str], None] | N
         ("breast_mass_malignancy", "LightGBM, real data", _breast_mass_malignancy),
         ("diabetes_progression", "ridge regression, real data", _diabetes_progression),
         ("vitals_deterioration", "LightGBM, synthetic data", _vitals_deterioration),
+        ("medication_risk", "logistic regression, synthetic data", _medication_risk),
     ]
     if ecg and importlib.util.find_spec("torch") is not None:
         steps.append(("ecg_rhythm", "1D-CNN, synthetic ECG, INT8 behind the gate", _ecg_rhythm))
@@ -104,6 +107,7 @@ def build_demo(path: Path, ecg: bool = True, progress: Callable[[str], None] | N
             (folder / "MODEL_CARD.md").write_text(built.card, encoding="utf-8")
             if built.drift_reference is not None:
                 (folder / "1" / REFERENCE_FILE).write_bytes(built.drift_reference)
+        write_graph(staging / "medication_check")  # after medication_risk, the model it calls
         (staging / DEMO_STAMP).write_text("built by bedside demo\n", encoding="utf-8")
         if path.exists():
             shutil.rmtree(path)
@@ -320,6 +324,31 @@ LightGBM (150 trees, 15 leaves) -> ONNX (onnxmltools, opset 15); ONNX vs LightGB
 """
     drift = make_reference(x_tr, "features", list(NAMES), np.asarray(clf.predict_proba(x_tr))[:, 1], "probabilities")
     return BuiltModel(config, model.SerializeToString(), card, "synthetic", VITALS_NOTE, drift)
+
+
+def _medication_risk() -> BuiltModel:
+    config, onnx_bytes, features, auroc = medication_risk()
+    card = f"""# medication_risk (version 1)
+
+{card_line("synthetic", RISK_NOTE)}
+
+Scores the risk of an adverse drug event at a bedside medication administration
+(`probabilities[:, 1]`), as one step of the `medication_check` graph.
+
+{DISCLAIMER}
+
+**Trained on SYNTHETIC data**: no labelled adverse-drug-event data ships offline. 5,000 simulated
+administrations, risk made up to rise with age, lower kidney function, more drugs, a worse ANSM
+interaction, high-alert and renally cleared drugs. Held-out AUROC {auroc:.3f} on 1,000 synthetic rows,
+which says nothing about real patients.
+
+## Model
+Logistic regression (scikit-learn) -> ONNX (skl2onnx, opset 15).
+
+## Inputs
+`features`: FP32 [batch, 8]: {features} (as `medication.features` computes them).
+"""
+    return BuiltModel(config, onnx_bytes, card, "synthetic", RISK_NOTE)
 
 
 def _ecg_rhythm() -> BuiltModel | None:

@@ -169,6 +169,9 @@ class LimitSettings:
         100_000, "answers one model's [cache] may keep, at most (per model version)", 1, 10**7
     )
     cache_max_mb: float = _opt(256.0, "memory one model's [cache] may use, at most, MiB", 0.001, 65_536)
+    medication_max_items: int = _opt(
+        256, "orders, allergies or medications one medication check's patient context may list", 1, 100_000
+    )
 
 
 def _key_source(value: str) -> str | None:
