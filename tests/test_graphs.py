@@ -157,7 +157,7 @@ def test_a_required_step_past_its_timeout_fails_the_graph(repo):
     graph(repo, "deadline", step("slow", "x", "test.never") + out("slow.x"), deadline=25)
     dp = served(repo)
     try:
-        with pytest.raises(DeadlineExceeded, match="step 'slow' timed out after 20 ms"):
+        with pytest.raises(DeadlineExceeded, match="step 'slow': timed out after 20 ms"):
             run(dp, "late", ONES)
         with pytest.raises(DeadlineExceeded, match="graph's deadline"):
             run(dp, "deadline", ONES)
@@ -180,7 +180,7 @@ def test_failing_steps_degrade_or_fail_without_leaking_their_text(repo):
         with pytest.raises(InferenceFailed) as failed:
             run(dp, "fails", ONES)
         assert "must not leak" not in failed.value.message
-        with pytest.raises(InvalidInput, match="step 'check' the dose field is not a number"):
+        with pytest.raises(InvalidInput, match="step 'check': the dose field is not a number"):
             run(dp, "refuses", ONES)  # a step's 400 stays a 400
         with pytest.raises(InvalidInput, match="expected datatype FP32"):
             asyncio.run(dp.infer("survives", None, InferRequest({"x": np.ones((1, 4), np.float64)})))

@@ -307,7 +307,7 @@ def _error(graph: str, failed: StepFailed) -> BedsideError:
     """The graph's error for a required step that failed. The step's own kind where it tells the
     caller something true (a 400 for its input, a 403 for a model it may not use, a 429 to retry);
     a model step's model that is missing or not ready is the graph being unavailable (503)."""
-    message = f"graph {graph!r}: step {failed.step!r} {failed.reason}"
+    message = f"graph {graph!r}: step {failed.step!r}: {failed.reason}"
     error = failed.error
     if failed.outcome == TIMED_OUT:
         return DeadlineExceeded(message)
