@@ -54,7 +54,8 @@ def test_the_bracketed_form_reads_the_same():
         ("99ABC", "unknown GS1 application identifier"),
         ("(01)00312345678906(17)271340", "no such month"),
         ("(01)00312345678906(17)270231", "no such day"),
-        ("01003123456789", "must be 14 digits"),
+        ("010031234567891", "must be 14 digits"),  # AI 01 with 13 digits (14 bare digits are an ITF-14 GTIN)
+        ("00312345678907", "check digit"),  # a bare GTIN-14 (ITF-14, DataBar) is checked too
         ("hello", "not a GS1 element string|unknown GS1"),
     ],
 )

@@ -266,3 +266,27 @@ def test_the_cache_answers_a_tenant_from_its_own_entries_only_and_empties_on_rel
         assert CALLS == ["icu", "ward", "icu", "icu"]
     finally:
         dp.close()
+
+
+def test_a_model_cache_is_per_tenant_bounded_and_emptied_by_a_reload(tmp_path):
+    write_config(tmp_path / "scale", SCALE_CONFIG + "[cache]\nmax_entries = 2\n")
+    scale_model(tmp_path / "scale" / "1" / "model.onnx", factor=2.0)
+    dp = served(tmp_path)
+    try:
+
+        def ask(x: np.ndarray, tenant: str):
+            return asyncio.run(dp.infer("scale", None, InferRequest({"x": x}), CallContext(tenant=tenant)))
+
+        assert "cached" not in (ask(ONES, "icu").parameters or {})
+        hit = ask(ONES, "icu")
+        assert (hit.parameters or {}).get("cached") is True and hit.outputs["y"].tolist() == [[2.0] * 4]
+        assert "cached" not in (ask(ONES, "ward").parameters or {})  # another tenant: computed for it
+        ask(ONES * 3, "icu")  # a third entry: the least recently used (icu's first) leaves, max_entries = 2
+        assert (ask(ONES, "ward").parameters or {}).get("cached") is True
+        assert "cached" not in (ask(ONES, "icu").parameters or {})
+        (row,) = dp.statistics("scale", None, CallContext().caller)
+        assert row.inference_count == 4  # the model ran for the four answers that were not cached
+        asyncio.run(dp.load("scale", CallContext().caller))
+        assert "cached" not in (ask(ONES, "icu").parameters or {})  # a reload starts empty
+    finally:
+        dp.close()
