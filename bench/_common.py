@@ -281,6 +281,24 @@ def sequential(port: int, request: bytes, seconds: float, warmup: int = 200) -> 
         client.sock.close()
 
 
+def grpc_sequential(port: int, request: bytes, seconds: float, warmup: int = 200) -> dict[str, float]:
+    """One gRPC channel, one pre-serialized ModelInferRequest at a time (bytes in, bytes out: no
+    (de)serialization in the loop) for `seconds`, after `warmup` calls."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for _ in range(warmup):
+            call(request)
+        lat = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            call(request)
+            lat.append(time.perf_counter() - t0)
+        return summarize(lat, time.perf_counter() - start)
+
+
 def closed_loop(port: int, request: bytes, concurrency: int, seconds: float) -> tuple[list[float], float]:
     """`concurrency` connections, each sending its next request when the last one returns; all must succeed."""
     (outcomes,), wall = run_loads(port, [(request, concurrency, 0.0)], seconds)

@@ -28,6 +28,7 @@ from _common import (  # first: from here on a Ctrl-C ends the script without a 
     console,
     demo_repo,
     free_port,
+    grpc_sequential,
     http_request,
     machine,
     main_guard,
@@ -87,20 +88,6 @@ def infer_message(x: np.ndarray) -> bytes:
     request.inputs.add(name="features", datatype="FP32", shape=x.shape)
     request.raw_input_contents.append(x.tobytes())
     return request.SerializeToString()
-
-
-def grpc_sequential(port: int, request: bytes, seconds: float) -> dict[str, float]:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.unary_unary(INFER)  # bytes in, bytes out: no (de)serialization in the loop
-        for _ in range(WARMUP):
-            call(request)
-        lat = []
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            t0 = time.perf_counter()
-            call(request)
-            lat.append(time.perf_counter() - t0)
-        return summarize(lat, time.perf_counter() - start)
 
 
 def tritonclient_sequential(port: int, x: np.ndarray, seconds: float) -> dict[str, float]:
