@@ -101,7 +101,17 @@ def plan(
     simulated = seconds or wanted.seconds or DEFAULT_SECONDS
     with console.status(f"simulating {simulated:g} s of the workload..."):
         result = planner.plan(
-            wanted, setups, sizes, budget, measured.base_mb, box_cores, simulated, headroom, busy_cores, seed
+            wanted,
+            setups,
+            sizes,
+            budget,
+            measured.base_mb,
+            box_cores,
+            simulated,
+            headroom,
+            busy_cores,
+            seed,
+            measured.wake_ms,
         )
     console.print(report.profile_table(measured, models))
     console.print(report.packing_table(result, measured))

@@ -76,6 +76,7 @@ class Setup:
     instances: int
     threads: int
     service: Empirical
+    idle_penalty: tuple[tuple[float, float], ...] = ()
 
 
 def setups(root: Path, profile: Profile, names: set[str]) -> dict[str, Setup]:
@@ -100,6 +101,7 @@ def setups(root: Path, profile: Profile, names: set[str]) -> dict[str, Setup]:
             config.instances if config else measured.instances,
             measured.threads,
             Empirical(measured.latency_ms),
+            tuple(sorted(measured.idle_penalty_ms.items())),
         )
     return out
 
@@ -160,6 +162,7 @@ def plan(
     headroom: float = 0.1,
     background: float = 0.0,
     seed: int = 0,
+    wake_ms: float = 0.0,
 ) -> Plan:
     packing = pack(sizes, budget_mb, reserve_mb, headroom)
     load = streams(workload, setups)
@@ -167,7 +170,9 @@ def plan(
 
     def evaluate(replicas: int) -> Evaluation:
         if replicas not in cache:
-            cache[replicas] = _evaluate(workload, setups, load, packing, replicas, cores, seconds, background, seed)
+            cache[replicas] = _evaluate(
+                workload, setups, load, packing, replicas, cores, seconds, background, seed, wake_ms
+            )
         return cache[replicas]
 
     one = evaluate(1)
@@ -202,6 +207,7 @@ def _evaluate(
     seconds: float,
     background: float,
     seed: int,
+    wake_ms: float,
 ) -> Evaluation:
     per_box: list[dict[str, ModelResult]] = []
     for b, box in enumerate(packing.boxes):
@@ -220,10 +226,11 @@ def _evaluate(
                     s.threads,
                     s.service,
                     [Stream(st.level, st.rate * share, st.rows) for st in load[name]],
+                    s.idle_penalty,
                 )
             )
         if models:
-            per_box.append(simulate(models, cores, seconds * replicas, seed + b, background))
+            per_box.append(simulate(models, cores, seconds * replicas, seed + b, background, wake_ns=wake_ms * 1e6))
     rows = _rows(workload, load, per_box)
     utilisation: dict[str, float] = {}
     batch: dict[str, float] = {}

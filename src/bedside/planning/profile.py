@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import platform
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from bedside.scheduler.batching import merge, split
 
 FORMAT = "bedside-plan-profile/1"
 GRAPH_FILE = "graph.toml"  # a folder with one is a graph (steps calling models), not a model
+IDLE_GAPS_MS = (0.5, 2.0, 5.0, 20.0)
 MAX_BATCH_MEASURED = 256  # larger batches are extrapolated by the simulator from the two largest measured
 
 
@@ -55,6 +57,8 @@ class ModelProfile:
     session_mb: float  # RSS growth across the load, all versions
     run_mb: float  # working memory of one execution of the largest batch
     latency_ms: dict[int, list[float]] = field(default_factory=dict)  # batch size -> measured runs
+    # idle gap ms -> median extra ms of a batch-1 run after the instance sat idle that long
+    idle_penalty_ms: dict[float, float] = field(default_factory=dict)
 
     def mean_ms(self, batch: int) -> float:
         runs = self.latency_ms.get(batch)
@@ -67,6 +71,7 @@ class Profile:
     base_mb: float  # RSS of this process before any model: what a server costs with no model
     models: dict[str, ModelProfile]
     unavailable: dict[str, str] = field(default_factory=dict)  # model -> why it did not load
+    wake_ms: float = 0.0  # mean time for a worker thread waiting on a condition to run once notified
 
     def to_json(self) -> str:
         doc = {
@@ -74,9 +79,15 @@ class Profile:
             "box": self.box,
             "base_mb": self.base_mb,
             "models": [
-                {**asdict(m), "latency_ms": {str(b): v for b, v in m.latency_ms.items()}} for m in self.models.values()
+                {
+                    **asdict(m),
+                    "latency_ms": {str(b): v for b, v in m.latency_ms.items()},
+                    "idle_penalty_ms": {str(g): v for g, v in m.idle_penalty_ms.items()},
+                }
+                for m in self.models.values()
             ],
             "unavailable": self.unavailable,
+            "wake_ms": self.wake_ms,
         }
         return json.dumps(doc, indent=1)
 
@@ -154,7 +165,31 @@ def measure(
         assert status.model is not None
         models[name] = _measure_model(status.model, len(ready), loaded, runs, budget_s)
         manager.unload(name)  # the arena is not given back to the OS: the next delta starts from here
-    return Profile(box_info(), round(base, 1), models, unavailable)
+    return Profile(box_info(), round(base, 1), models, unavailable, round(wake_ms(), 4))
+
+
+def wake_ms(samples: int = 200) -> float:
+    """Mean time from notifying a condition to the waiting thread running: what a request that finds
+    its model's worker idle waits before the worker takes it (worker.py wakes it the same way)."""
+    cond = threading.Condition()
+    woke: list[float] = []
+    sent = [0.0]
+
+    def waiter() -> None:
+        with cond:
+            for _ in range(samples):
+                cond.wait()
+                woke.append(time.perf_counter() - sent[0])
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    for _ in range(samples):
+        time.sleep(0.001)  # the waiter is asleep on the condition again, as an idle worker is
+        with cond:
+            sent[0] = time.perf_counter()
+            cond.notify()
+    thread.join(timeout=5)
+    return float(np.mean(woke)) * 1e3 if woke else 0.0
 
 
 def _measure_model(model: OnnxModel, versions: int, loaded_mb: float, runs: int, budget_s: float) -> ModelProfile:
@@ -180,6 +215,7 @@ def _measure_model(model: OnnxModel, versions: int, loaded_mb: float, runs: int,
             _execute(model, requests)
             samples.append((time.perf_counter_ns() - t0) / 1e6)
         latency[size] = [round(s, 5) for s in samples]
+    penalty = _idle_penalty(model, largest[:1] if config.max_batch_size else largest, latency[1], min(runs, 40))
     opts = model.session.get_session_options()
     return ModelProfile(
         name=model.name,
@@ -193,7 +229,28 @@ def _measure_model(model: OnnxModel, versions: int, loaded_mb: float, runs: int,
         session_mb=round(max(loaded_mb, versions * _file_mb(model.path)), 2),
         run_mb=round(run_mb, 3),
         latency_ms=latency,
+        idle_penalty_ms=penalty,
     )
+
+
+def _idle_penalty(
+    model: OnnxModel, request: list[dict[str, np.ndarray]], hot: list[float], runs: int
+) -> dict[float, float]:
+    """A run after the instance sat idle is slower than one right after another (caches refilled,
+    the core's clock back up): on a 2-core box, 1.8 ms back to back became 2.3 ms after 2 ms idle
+    and 2.6 ms after 5 ms. Measured at batch 1 after idle gaps; the simulator adds it by the
+    time the instance was idle, so a lightly loaded model is not predicted faster than it runs."""
+    base = float(np.median(hot))
+    out = {}
+    for gap_ms in IDLE_GAPS_MS:
+        samples = []
+        for _ in range(runs):
+            time.sleep(gap_ms / 1e3)
+            t0 = time.perf_counter_ns()
+            _execute(model, request)
+            samples.append((time.perf_counter_ns() - t0) / 1e6)
+        out[gap_ms] = round(max(0.0, float(np.median(samples)) - base), 5)
+    return out
 
 
 def batch_sizes(max_batch_size: int) -> list[int]:
@@ -257,7 +314,9 @@ def load_profile(path: Path) -> Profile:
         models = {}
         for m in doc["models"]:
             latency = {int(b): [float(x) for x in v] for b, v in m.pop("latency_ms").items()}
-            models[m["name"]] = ModelProfile(**m, latency_ms=latency)
-        return Profile(dict(doc["box"]), float(doc["base_mb"]), models, dict(doc.get("unavailable", {})))
+            penalty = {float(g): float(v) for g, v in m.pop("idle_penalty_ms", {}).items()}
+            models[m["name"]] = ModelProfile(**m, latency_ms=latency, idle_penalty_ms=penalty)
+        box, base = dict(doc["box"]), float(doc["base_mb"])
+        return Profile(box, base, models, dict(doc.get("unavailable", {})), float(doc.get("wake_ms", 0.0)))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ProfileError(f"the profile {path} is damaged ({type(exc).__name__}: {exc}); measure again") from None

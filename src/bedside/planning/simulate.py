@@ -8,7 +8,10 @@ What it models, because the server does it:
   simulation reuses the class instead of re-implementing it, so it cannot drift from the server.
 - `instances` workers per model, non-preemptive: a batch, once started, runs to the end. Reserved
   instances take STAT work only. An idle worker takes work the moment it arrives (the real worker is
-  woken by a condition variable; its wake-up, tens of microseconds, is not modelled).
+  woken by a condition variable: it runs `wake_ns` later, measured on the box, and takes what has
+  arrived by then).
+- A run after the instance sat idle is slower than one right after another (caches, clock speed):
+  the extra time measured after idle gaps is added by how long the instance was idle.
 - Service time of a batch of n rows is drawn from the latencies measured for that batch size
   (profile.py), interpolated between the measured sizes.
 - Cores are shared: a running batch wants min(threads, cores) cores; when the running batches of all
@@ -118,6 +121,22 @@ class SimModel:
     threads: int  # intra-op threads of one execution: the cores it can keep busy
     service: ServiceTime
     streams: list[Stream]
+    # (idle ms, extra ms) measured: a run after the instance sat idle is slower; none: no penalty
+    idle_penalty: tuple[tuple[float, float], ...] = ()
+
+    def penalty_ns(self, idle_ns: float) -> float:
+        """Extra time of a run after `idle_ns` idle, interpolated between the measured gaps (0 at 0,
+        the longest gap's beyond it)."""
+        points = self.idle_penalty
+        if not points:
+            return 0.0
+        idle_ms = idle_ns / 1e6
+        prev_gap, prev_extra = 0.0, 0.0
+        for gap, extra in points:
+            if idle_ms <= gap:
+                return 1e6 * (prev_extra + (extra - prev_extra) * (idle_ms - prev_gap) / (gap - prev_gap))
+            prev_gap, prev_extra = gap, extra
+        return 1e6 * prev_extra
 
 
 @dataclass
@@ -149,7 +168,9 @@ class _Running:
 class _Worker:
     stat_only: bool
     busy: bool = False
-    timer: int = 0  # token of its pending batching-delay timer; a newer one makes older ones stale
+    timer: int = 0  # token of its pending timer; a newer one makes older ones stale
+    waking: bool = False  # notified, not yet running (wake_ns)
+    idle_since: float | None = 0.0  # None: it went straight from one batch to the next
 
 
 def simulate(
@@ -159,9 +180,11 @@ def simulate(
     seed: int = 0,
     background: float = 0.0,
     warmup: float = 0.05,
+    wake_ns: float = 0.0,
 ) -> dict[str, ModelResult]:
     """Simulate `seconds` of the box; requests arriving in the first `warmup` fraction are run but
-    not counted, so the prediction is of the steady state, not of an empty start."""
+    not counted, so the prediction is of the steady state, not of an empty start. `wake_ns`: how
+    long an idle worker takes to run once a request notifies it (profile.wake_ms)."""
     if cores <= 0 or seconds <= 0:
         raise ValueError("the simulation needs cores > 0 and seconds > 0")
     rng = np.random.default_rng(seed)
@@ -192,8 +215,11 @@ def simulate(
         """Worker w of model m asks its queue for work, as the real worker does when woken."""
         nonlocal demand
         worker = workers[m][w]
+        worker.waking = False
         batch, _expired, wait = queues[m].take(int(now), worker.stat_only)
         if not batch:
+            if worker.idle_since is None:
+                worker.idle_since = now
             if wait is not None:
                 worker.timer += 1
                 heapq.heappush(timers, (now + wait, m, w, worker.timer))
@@ -204,7 +230,11 @@ def simulate(
         for job in batch:
             if job.enqueued >= counted_from:
                 queue_ns.setdefault((m, job.level), []).append(now - job.enqueued)
-        running.append(_Running(m, w, batch, now, models[m].service.draw(rows, rng)))
+        work = models[m].service.draw(rows, rng)
+        if worker.idle_since is not None:
+            work += models[m].penalty_ns(now - worker.idle_since)
+            worker.idle_since = None
+        running.append(_Running(m, w, batch, now, work))
         demand += demand_of[m]
 
     def reject(m: int, job: Job) -> None:
@@ -249,7 +279,13 @@ def simulate(
                 reject(m, job)
                 continue
             for w, worker in enumerate(workers[m]):  # the woken worker(s) take what they may
-                if not worker.busy:
+                if worker.busy or worker.waking:
+                    continue
+                if wake_ns > 0:  # it runs a moment later: what arrives meanwhile joins its batch
+                    worker.waking = True
+                    worker.timer += 1
+                    heapq.heappush(timers, (now + wake_ns, m, w, worker.timer))
+                else:
                     dispatch(m, w)
         else:
             _, m, w, token = heapq.heappop(timers)
