@@ -356,10 +356,11 @@ def test_demo_prints_a_line_per_model_without_a_terminal(tmp_path, monkeypatch):
     out = ok(bedside("demo", "--out", tmp_path / "demo"))  # CliRunner's output is not a terminal
     lines = [line for line in out.splitlines() if re.match(r"demo \d/\d: ", line)]
     assert lines == [
-        "demo 1/4: breast_mass_malignancy (LightGBM, real data)",
-        "demo 2/4: diabetes_progression (ridge regression, real data)",
-        "demo 3/4: vitals_deterioration (LightGBM, synthetic data)",
-        "demo 4/4: ecg_rhythm (1D-CNN, synthetic ECG, INT8 behind the gate)",
+        "demo 1/5: breast_mass_malignancy (LightGBM, real data)",
+        "demo 2/5: diabetes_progression (ridge regression, real data)",
+        "demo 3/5: vitals_deterioration (LightGBM, synthetic data)",
+        "demo 4/5: medication_risk (logistic regression, synthetic data)",
+        "demo 5/5: ecg_rhythm (1D-CNN, synthetic ECG, INT8 behind the gate)",
     ]
     stamps = {m: stamp(tmp_path / "demo" / m / "1")[0] for m in ("breast_mass_malignancy", "diabetes_progression")}
     assert stamps == {"breast_mass_malignancy": "trained", "diabetes_progression": "trained"}

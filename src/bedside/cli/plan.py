@@ -86,6 +86,7 @@ def plan(
         with console.status("measuring the models (memory, latency per batch size)..."):
             measured = measure(root, runs=runs, progress=lambda line: console.print(f"  {escape(line)}"))
         if profile is not None:
+            profile.parent.mkdir(parents=True, exist_ok=True)
             profile.write_text(measured.to_json(), encoding="utf-8")
             console.print(f"measurements written to {escape(str(profile))}")
     setups = planner.setups(root, measured, wanted.models_called())
@@ -129,6 +130,7 @@ def plan(
         console.print(f"[yellow]{escape(line)}[/yellow]", soft_wrap=True)
     if json_out is not None:
         try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(report.to_json(result, measured), indent=2), encoding="utf-8")
         except OSError as exc:
             fail(f"cannot write {json_out}: {exc.strerror or type(exc).__name__}", 2)

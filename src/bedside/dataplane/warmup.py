@@ -33,12 +33,12 @@ from bedside.dataplane.warmup_schedule import Schedule, idle_due
 from bedside.errors import BedsideError
 from bedside.monitoring.redact import without_paths
 from bedside.protocol.datatypes import OIP_TO_NUMPY
-from bedside.protocol.types import SYSTEM, InferRequest
+from bedside.protocol.types import SYSTEM, WARMUP_TENANT, InferRequest
 from bedside.settings import WarmupSettings
 
 log = logging.getLogger("bedside.warmup")
 TRANSPORT = "warmup"  # in the audit log and the statistics' transport, so warm-up requests are told apart
-TENANT = "(warm-up)"  # outside the tenant name pattern: no caller's tenant can share its figures
+TENANT = WARMUP_TENANT  # outside the tenant name pattern: no caller's tenant can share its figures
 PRIORITY = "routine"  # every model's lowest level, whatever its number of levels
 READY = "READY"
 Key = tuple[str, str]  # (model, version)

@@ -57,9 +57,15 @@ class GraphSet:
         return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and is_graph_folder(p))
 
     def is_graph(self, name: str) -> bool:
-        return name in self._entries or (
-            "/" not in name and "\x00" not in name and not name.startswith(".") and is_graph_folder(self.root / name)
-        )
+        if name in self._entries:
+            return True
+        odd = "/" in name or "\\" in name or "\x00" in name or name.startswith(".")
+        if odd or len(name.encode(errors="replace")) > 255:
+            return False
+        try:
+            return is_graph_folder(self.root / name)
+        except (OSError, ValueError):  # a name the file system cannot take is no graph (and no model: a 404)
+            return False
 
     def find(self, name: str) -> Graph | None:
         return self._ready.get(name)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 DEFAULT_TENANT = "default"
+WARMUP_TENANT = "(warm-up)"  # scheduled warm-up's requests: outside the tenant name pattern, so no caller's
 ROLES = ("infer", "monitor", "admin", "device")
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from bedside.errors import BedsideError, DeadlineExceeded, InferenceFailed, NonFiniteOutput, Overloaded, Retired
 from bedside.monitoring.latency import ModelStats
 from bedside.protocol.cache import ResponseCache
-from bedside.protocol.types import CallContext, InferRequest
+from bedside.protocol.types import WARMUP_TENANT, CallContext, InferRequest
 from bedside.runtime.session import OnnxModel
 from bedside.runtime.signature import Signature
 from bedside.scheduler.batching import batch_key, merge, split
@@ -141,7 +141,7 @@ class ModelQueue:
         with self._cond:
             self.queue.done(batch, done - started)
         stats.record_execution(sum(j.rows for j in batch))
-        if stats.drift is not None:
+        if stats.drift is not None and batch[0].tenant != WARMUP_TENANT:  # batches are one tenant's
             stats.drift.observe(inputs, outputs)  # a copy into the drift window: rows stay in memory
         suspect = not self.signature.finite(outputs)  # one check per batch; per request only on a miss
         for job, result in zip(batch, parts, strict=True):
