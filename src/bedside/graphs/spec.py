@@ -21,14 +21,13 @@ models and step types at load (graphs/check.py).
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bedside.errors import ModelLoadError
 from bedside.modelconfig.cache import CacheSpec, parse_cache
-from bedside.modelconfig.model import GRAPH_FILE, AccessSpec, TensorSpec, parse_access, parse_tensors
+from bedside.modelconfig.model import GRAPH_FILE, AccessSpec, TensorSpec, parse_access, parse_tensors, read_toml
 from bedside.settings import DEFAULTS
 
 PLATFORM = "bedside_graph"
@@ -69,13 +68,7 @@ class GraphSpec:
 
 
 def load_graph_spec(path: Path, folder_name: str) -> GraphSpec:
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {folder_name}/{GRAPH_FILE}: {type(exc).__name__}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ModelLoadError(f"{folder_name}/{GRAPH_FILE} is not valid TOML: {exc}") from None
-    return parse_graph_spec(doc, folder_name)
+    return parse_graph_spec(read_toml(path, folder_name), folder_name)
 
 
 def parse_graph_spec(doc: dict[str, Any], folder_name: str) -> GraphSpec:

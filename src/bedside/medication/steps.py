@@ -133,8 +133,9 @@ def _formulary(path: Path, names: Any) -> tuple[dict[str, dict[str, Any]], dict[
         except Exception as exc:  # an InvalidInput from route(): the formulary's fault here
             raise ModelLoadError(f"{where}: {exc}") from None
         if "gtin" in row:
-            by_gtin[parse_scan(str(row["gtin"])).gtin] = entry
-            for ndc in ndc11_from_gtin(parse_scan(str(row["gtin"])).gtin):
+            gtin = parse_scan(str(row["gtin"])).gtin
+            by_gtin[gtin] = entry
+            for ndc in ndc11_from_gtin(gtin):
                 by_ndc.setdefault(ndc, entry)
         if "ndc" in row:
             by_ndc[ndc11(str(row["ndc"]))] = entry

@@ -181,14 +181,18 @@ _PLATFORM = _FIELD["platform"]
 _WARMUP = WarmupSpec()
 
 
-def load_config(path: Path, folder_name: str) -> ModelConfig:
+def read_toml(path: Path, folder_name: str) -> dict[str, Any]:
+    """A repository folder's TOML file (config.toml, graph.toml), or ModelLoadError naming it."""
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"cannot read {folder_name}/{path.name}: {exc.__class__.__name__}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ModelLoadError(f"{folder_name}/{path.name} is not valid TOML: {exc}") from None
-    return parse_config(doc, folder_name, path.parent)
+
+
+def load_config(path: Path, folder_name: str) -> ModelConfig:
+    return parse_config(read_toml(path, folder_name), folder_name, path.parent)
 
 
 def parse_config(doc: dict[str, Any], folder_name: str, folder: Path | None = None) -> ModelConfig:
