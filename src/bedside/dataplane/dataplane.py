@@ -48,13 +48,15 @@ class Dataplane(Describe):
         access: Access | None = None,
         keys: KeyRing | None = None,
         histograms: bool = DEFAULTS.monitoring.histograms,
+        only: frozenset[str] | None = None,
     ) -> None:
         """`access`: who may do what (default: authentication off, nothing audited); `keys`: the
         key ring that opens encrypted models (`model.onnx.enc`), decrypted into memory only;
-        `histograms` (monitoring.histograms): latency buckets, per-priority counts and drift."""
+        `histograms` (monitoring.histograms): latency buckets, per-priority counts and drift;
+        `only`: the models and graphs to serve (a cluster replica's share), None: the whole repository."""
         self._scheduler = Scheduler(limits.max_tenants)
         self._manager = RepositoryManager(
-            ModelStore(repository, keys=keys),
+            ModelStore(repository, keys=keys, only=only),
             self._scheduler.attach,
             self._scheduler.detach,
             limits.max_tenant_stats,
@@ -62,7 +64,9 @@ class Dataplane(Describe):
             limits.drift_window,
             histograms,
         )
-        self._graphs = GraphSet(repository, self._graph_model_config, self._infer, limits.max_tenant_stats, histograms)
+        self._graphs = GraphSet(
+            repository, self._graph_model_config, self._infer, limits.max_tenant_stats, histograms, only
+        )
         self.access = access or Access()
         self.lifecycle = Lifecycle(self._manager, self.access)  # the update agent's admin calls
         self._audit = self.access.audit

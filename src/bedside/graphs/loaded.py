@@ -40,9 +40,16 @@ class GraphEntry:
 
 class GraphSet:
     def __init__(
-        self, root: Path, model_config: ModelConfigOf, call: CallModel, max_tenant_stats: int, detailed: bool
+        self,
+        root: Path,
+        model_config: ModelConfigOf,
+        call: CallModel,
+        max_tenant_stats: int,
+        detailed: bool,
+        only: frozenset[str] | None = None,
     ) -> None:
         self.root = root
+        self.only = only  # the graphs served here (a cluster replica's share); None: all of them
         self._model_config = model_config
         self._call = call
         self._max_tenant_stats = max_tenant_stats
@@ -54,7 +61,8 @@ class GraphSet:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and is_graph_folder(p))
+        found = (p.name for p in self.root.iterdir() if not p.name.startswith(".") and is_graph_folder(p))
+        return sorted(name for name in found if self.only is None or name in self.only)
 
     def is_graph(self, name: str) -> bool:
         if name in self._entries:

@@ -27,12 +27,13 @@ from typing import Any
 
 from bedside.errors import ModelLoadError
 from bedside.modelconfig.cache import CacheSpec, parse_cache
+from bedside.modelconfig.cluster import ClusterSpec, parse_cluster
 from bedside.modelconfig.model import GRAPH_FILE, AccessSpec, TensorSpec, parse_access, parse_tensors, read_toml
 from bedside.settings import DEFAULTS
 
 PLATFORM = "bedside_graph"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
-_TOP = {"name", "description", "deadline_ms", "inputs", "outputs", "steps", "access", "cache", "version"}
+_TOP = {"name", "description", "deadline_ms", "inputs", "outputs", "steps", "access", "cache", "cluster", "version"}
 _STEP = {"name", "model", "version", "function", "inputs", "timeout_ms", "optional", "parameters"}
 
 
@@ -65,6 +66,7 @@ class GraphSpec:
     version: int = 1
     access: AccessSpec = field(default_factory=AccessSpec)
     cache: CacheSpec | None = None
+    cluster: ClusterSpec | None = None  # bedside cluster only
 
 
 def load_graph_spec(path: Path, folder_name: str) -> GraphSpec:
@@ -106,6 +108,7 @@ def parse_graph_spec(doc: dict[str, Any], folder_name: str) -> GraphSpec:
         version=version,
         access=parse_access(doc.get("access")),
         cache=parse_cache(doc.get("cache")),
+        cluster=parse_cluster(doc.get("cluster")),
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from bedside.errors import ModelLoadError
 from bedside.modelconfig.cache import CacheSpec, parse_cache
+from bedside.modelconfig.cluster import ClusterSpec, parse_cluster
 from bedside.modelconfig.scheduling import SchedulingPolicy, parse_policy
 from bedside.protocol.datatypes import DATATYPES
 from bedside.protocol.types import DEFAULT_TENANT
@@ -120,6 +121,7 @@ class ModelConfig:
     scheduling: SchedulingPolicy = field(default_factory=SchedulingPolicy)
     contract: ContractSpec = field(default_factory=ContractSpec)
     cache: CacheSpec | None = None  # answers kept for identical inputs, per tenant (off by default)
+    cluster: ClusterSpec | None = None  # replicas, CPUs, memory on a Ray Serve cluster (bedside cluster only)
     access: AccessSpec = field(default_factory=AccessSpec)  # not in to_dict: tenants see no other tenant's name
     # NaN/Infinity in inputs or outputs: refused by default (a clinical score from a NaN is no score)
     allow_non_finite: bool = False
@@ -147,6 +149,8 @@ class ModelConfig:
         doc.update(self.scheduling.to_dict())
         if self.cache is not None:
             doc["cache"] = self.cache.to_dict()
+        if self.cluster is not None:
+            doc["cluster"] = self.cluster.to_dict()
         if self.contract.to_dict():
             doc["contract"] = self.contract.to_dict()
         return doc
@@ -172,6 +176,7 @@ _TOP_KEYS = {
     "allow_non_finite",
     "access",
     "cache",
+    "cluster",
 }
 
 
@@ -231,6 +236,7 @@ def parse_config(doc: dict[str, Any], folder_name: str, folder: Path | None = No
         allow_non_finite=_bool(doc, "allow_non_finite", _FIELD["allow_non_finite"]),
         access=parse_access(doc.get("access")),
         cache=parse_cache(doc.get("cache")),
+        cluster=parse_cluster(doc.get("cluster")),
     )
     if config.scheduling.reserved_instances >= config.instances:
         raise ModelLoadError(

@@ -17,9 +17,10 @@ NAME_MAX = 255  # bytes in one file name on Linux file systems
 
 
 class ModelStore:
-    def __init__(self, root: Path, keys: KeyRing | None = None) -> None:
+    def __init__(self, root: Path, keys: KeyRing | None = None, only: frozenset[str] | None = None) -> None:
         self.root = Path(root)
         self.keys = keys  # None: no key configured, so an encrypted model is refused with that reason
+        self.only = only  # the folders this store serves (a cluster replica's share); None: all of them
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
@@ -27,7 +28,10 @@ class ModelStore:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if p.is_dir() and not p.name.startswith(".") and not (p / GRAPH_FILE).is_file()
+            if p.is_dir()
+            and not p.name.startswith(".")
+            and not (p / GRAPH_FILE).is_file()
+            and (self.only is None or p.name in self.only)
         )
 
     def folder(self, name: str) -> Path:

@@ -11,36 +11,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from bedside.settings.cluster import ClusterSettings
+from bedside.settings.fields import _KIND, SettingsError
+from bedside.settings.fields import option as _opt
 from bedside.settings.formats import check_window, parse_window
 from bedside.settings.paths import audit_path, callers_file, callers_path, state_dir
 
-__all__ = ["audit_path", "callers_file", "callers_path", "parse_window", "state_dir"]
+__all__ = [
+    "ClusterSettings",
+    "SettingsError",
+    "audit_path",
+    "callers_file",
+    "callers_path",
+    "parse_window",
+    "state_dir",
+]
 
 ENV_PREFIX = "BEDSIDE_"
-_KIND = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
-
-
-class SettingsError(ValueError):
-    """A setting with a value it cannot take; the message names the setting."""
-
-
-Check = Callable[[Any], str | None]  # a text's format: what the value must be ("must ..."), or None when it is
-
-
-def _opt(
-    default: Any,
-    help: str,
-    low: float | None = None,
-    high: float | None = None,
-    *choices: str,
-    check: Check | None = None,
-) -> Any:
-    meta = {"help": help, "low": low, "high": high, "choices": choices, "check": check}
-    return field(default=default, metadata=meta)
 
 
 def _host_port_or_empty(value: str) -> str | None:
@@ -291,6 +282,7 @@ class Settings:
     updates: UpdateSettings = field(default_factory=UpdateSettings)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     warmup: WarmupSettings = field(default_factory=WarmupSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def replace(self, values: Mapping[str, Any]) -> Settings:
         """A copy with `section.key` values set (strings are parsed and every value checked)."""
