@@ -84,3 +84,10 @@ def model_not_found(name: str) -> NotFound:
     """The one answer for a model that does not exist and for one the caller's tenant may not see,
     word for word, so a 404 never tells one from the other."""
     return NotFound(f"model {name[:64]!r} is not in the repository")
+
+
+class Conflict(BedsideError):
+    """The request cannot be carried out in this server's current arrangement (409), e.g. a
+    repository load or unload sent to a cluster, whose placement is decided by its deployment."""
+
+    status = 409

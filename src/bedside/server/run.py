@@ -135,7 +135,8 @@ def check_security(settings: Settings) -> None:
         )
 
 
-def _access(settings: Settings) -> tuple[Access, AuditLog | None]:
+def build_access(settings: Settings) -> tuple[Access, AuditLog | None]:
+    """Who may do what (the callers file when authentication is on) and the audit log, started."""
     security = settings.security
     registry = CallerRegistry(callers_path(settings, os.environ), security.max_callers) if security.auth else None
     audit = None
@@ -184,7 +185,7 @@ class _HTTPServer(uvicorn.Server):
 async def _serve(repository: Path, settings: Settings) -> None:
     server, security = settings.server, settings.security
     try:
-        access, audit = _access(settings)
+        access, audit = build_access(settings)
     except OSError as exc:
         where = "security.audit_file" if security.audit_file else "in the state folder, streams.state_dir"
         raise StartupError(f"the audit log cannot be opened ({where}): {exc.strerror or exc}") from None

@@ -28,7 +28,9 @@ class ClusterSettings:
     max_ongoing: int = option(
         16, "requests in flight per replica at most; more wait at the front, STAT first", 1, 10_000
     )
-    replica_cpus: float = option(0.5, "CPUs a replica reserves in Ray (its model's threads share them)", 0.01, 256)
+    replica_cpus: float = option(
+        0.2, "CPUs a replica reserves in Ray (a small model needs a fraction of a core)", 0.01, 256
+    )
     replica_base_mb: int = option(
         350, "memory a replica process takes before its models, MiB (placement reserves it)", 16, 1 << 20
     )
@@ -41,5 +43,8 @@ class ClusterSettings:
     front_replicas: int = option(1, "replicas of the front (the ingress that orders STAT first)", 1, 256)
     front_queue: int = option(
         1024, "requests one model may have waiting at the front; more are refused (429)", 1, 10**6
+    )
+    deploy_timeout_s: float = option(
+        180.0, "longest `bedside cluster up` waits for every deployment to run before it says which did not", 1, 3600
     )
     retries: int = option(2, "times a request whose replica died is sent again (inference is idempotent)", 0, 10)

@@ -1,0 +1,1 @@
+"""bedside past one box: the same repository served by Ray Serve replicas (`bedside cluster`)."""
