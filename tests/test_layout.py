@@ -35,6 +35,7 @@ RANK = {
     "synthetic": 2,
     "pipeline": 9,
     "planning": 9,
+    "cluster": 9,  # bedside on Ray Serve: above the server, whose gateway and REST app it runs
     "tools": 9,
     "models": 10,
     "cli": 11,
@@ -43,7 +44,7 @@ RANK = {
 SERVING = {"errors", "settings", "protocol", "clinical", "modelconfig", "monitoring", "security", "runtime"}
 SERVING |= {"repository"}
 SERVING |= {"scheduler", "dataplane", "alerts", "streams", "server", "updates", "medication", "graphs"}
-NOT_FOR_SERVING = {"synthetic", "pipeline", "models", "tools", "cli", "planning"}
+NOT_FOR_SERVING = {"synthetic", "pipeline", "models", "tools", "cli", "planning", "cluster"}
 WIRE_MODULES = {"uvicorn", "grpc", "starlette", "websockets", "h11", "httptools"}
 ASGI_EVENTS = ("http.response.", "http.request", "http.disconnect", "websocket.", "lifespan.")
 

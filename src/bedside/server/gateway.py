@@ -145,12 +145,17 @@ def _priority(call: HTTPCall) -> Any:
 
 def _merged(answers: list[HTTPAnswer], key: str | None) -> HTTPAnswer:
     """One list from every replica's (a refusal, such as a 403 for a caller without the monitor
-    role, is every replica's: the first is given), ordered by model name and version."""
+    role, is every replica's: the first is given), ordered by model name and version. A model a
+    graph's replicas also load is listed once, from its own deployment (the answers come first)."""
     rows: list[Any] = []
+    seen = set()
     for one in answers:
         if one.status != 200:
             return one
         doc = orjson.loads(one.body)
-        rows += doc[key] if key is not None else doc
+        for row in doc[key] if key is not None else doc:
+            if (row.get("name"), row.get("version")) not in seen:
+                seen.add((row.get("name"), row.get("version")))
+                rows.append(row)
     rows.sort(key=lambda row: (str(row.get("name", "")), str(row.get("version", ""))))
     return answer(200, {key: rows} if key is not None else rows)
