@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from bedside.cli import audit, certs, keys, pipeline, plan, serving, tokens, tools, updates
+from bedside.cli import audit, certs, cluster, keys, pipeline, plan, serving, tokens, tools, updates
 from bedside.cli.common import console
 
 app = typer.Typer(
@@ -35,6 +35,7 @@ app.add_typer(keys.keys_app, name="keys")
 app.add_typer(audit.app, name="audit")
 app.add_typer(certs.app, name="certs")
 app.add_typer(tokens.app, name="tokens")
+app.add_typer(cluster.app, name="cluster")
 app.add_typer(updates.publish_app, name="publish")
 app.add_typer(updates.rollout_app, name="rollout")
 app.command()(updates.update)
