@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ from tests.test_medication import GTIN, context, order  # noqa: E402
 
 RAY = str(Path(sys.executable).with_name("ray"))
 BREAST, DIABETES = "breast_mass_malignancy", "diabetes_progression"
+ADDRESSES: dict[str, str] = {}  # the cluster's gRPC port and Ray address, set by the `url` fixture
 
 
 def _ray(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -58,7 +60,7 @@ def cluster_repo(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="module")
 def url(cluster_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     _ray("stop", "--force")
-    port, http_port = free_port(), free_port()
+    port, http_port, grpc_port = free_port(), free_port(), free_port()
     common = ["--num-cpus=2", "--object-store-memory=150000000", "--disable-usage-stats"]
     temp = tmp_path_factory.mktemp("ray")
     head = _ray("start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}", *common)
@@ -71,6 +73,7 @@ def url(cluster_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             {
                 "cluster.address": f"127.0.0.1:{port}",
                 "cluster.http_port": http_port,
+                "cluster.grpc_port": grpc_port,
                 "cluster.upscale_delay_s": 1.0,
                 "cluster.downscale_delay_s": 3.0,
                 "cluster.deploy_timeout_s": 240.0,
@@ -80,6 +83,7 @@ def url(cluster_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         cluster.start(cluster_repo, settings)
         nodes = [n for n in ray.nodes() if n["Alive"]]
         assert len(nodes) == 2  # a head and a worker: replicas are spread over two raylets
+        ADDRESSES.update(grpc=f"127.0.0.1:{grpc_port}", ray=f"127.0.0.1:{port}")
         yield f"127.0.0.1:{http_port}"
     finally:
         if ray.is_initialized():
@@ -251,3 +255,66 @@ def _wait_for(condition, seconds: float) -> bool:
             return True
         time.sleep(0.5)  # polling Ray's state, not waiting for a result
     return False
+
+
+def test_grpc_at_the_ray_proxy_answers_as_the_box_does(url: str, cluster_repo: Path, tmp_path: Path):
+    import grpc
+
+    from bedside.server.grpc import oip_pb2 as pb
+
+    box_port = free_port()
+    box = start_server(cluster_repo, tmp_path / "box.log", "--grpc-port", str(box_port))
+    meta = json.loads(_exchange(url, "GET", f"/v2/models/{BREAST}")[1])["inputs"][0]
+    infer = pb.ModelInferRequest(model_name=BREAST)
+    tensor = infer.inputs.add(name=meta["name"], datatype="FP32", shape=[1, 30])
+    tensor.contents.fp32_contents.extend(np.linspace(-1, 1, 30).tolist())
+    unknown = pb.ModelInferRequest(model_name="no_such_model")
+    wrong = pb.ModelInferRequest(model_name=BREAST)
+    wrong.inputs.add(name=meta["name"], datatype="FP32", shape=[1, 3]).contents.fp32_contents.extend([1, 2, 3])
+    calls = [
+        ("ModelInfer", infer, pb.ModelInferResponse),
+        ("ModelInfer", unknown, pb.ModelInferResponse),
+        ("ModelInfer", wrong, pb.ModelInferResponse),
+        ("ModelMetadata", pb.ModelMetadataRequest(name=BREAST), pb.ModelMetadataResponse),
+        ("ModelReady", pb.ModelReadyRequest(name="no_such_model"), pb.ModelReadyResponse),
+        ("ServerReady", pb.ServerReadyRequest(), pb.ServerReadyResponse),
+        ("ServerMetadata", pb.ServerMetadataRequest(), pb.ServerMetadataResponse),
+    ]
+
+    def outcome(address: str, method: str, request: Any, response: Any) -> tuple[str, bytes | str]:
+        with grpc.insecure_channel(address) as channel:
+            stub = channel.unary_unary(
+                f"/inference.GRPCInferenceService/{method}",
+                request_serializer=type(request).SerializeToString,
+                response_deserializer=lambda raw: raw,
+            )
+            try:
+                return "OK", stub(request, timeout=60)
+            except grpc.RpcError as error:
+                return error.code().name, error.details()
+
+    try:
+        for method, request, response in calls:
+            on_box = outcome(f"127.0.0.1:{box_port}", method, request, response)
+            assert outcome(ADDRESSES["grpc"], method, request, response) == on_box, method
+        code, details = outcome(
+            ADDRESSES["grpc"], "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=BREAST), None
+        )
+        assert code == "FAILED_PRECONDITION" and "bedside cluster up" in details
+        code, raw = outcome(ADDRESSES["grpc"], "RepositoryIndex", pb.RepositoryIndexRequest(), None)
+        names = [m.name for m in pb.RepositoryIndexResponse.FromString(raw).models]
+        assert code == "OK" and names == sorted(names) and len(names) == len(set(names)) and BREAST in names
+    finally:
+        box.process.terminate()
+        box.process.wait(10)
+
+
+def test_bedside_cluster_status_shows_every_deployment(url: str):
+    shown = subprocess.run(
+        [str(Path(sys.executable).with_name("bedside")), "cluster", "status", "--address", ADDRESSES["ray"]],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    for deployment in ("bedside-front", f"model-{BREAST}", "graph-medication_check"):
+        assert deployment in shown.stdout
+    assert "HEALTHY" in shown.stdout

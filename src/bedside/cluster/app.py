@@ -14,7 +14,7 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve import Application
-from ray.serve.config import HTTPOptions
+from ray.serve.config import HTTPOptions, gRPCOptions
 
 from bedside.cluster.autoscale import QueueDelayPolicy
 from bedside.cluster.front import APP_NAME, FRONT, Front
@@ -25,6 +25,7 @@ from bedside.settings import DEFAULTS, Settings
 log = logging.getLogger("bedside.cluster")
 FRONT_CPUS = 0.1  # the front parses no tensor: routing and queueing only
 HEALTH_CHECK_S = 2.0  # a replica that dies is noticed (and replaced) within this
+GRPC_SERVICE = "bedside.server.grpc.gateway:add_inference_service"  # OIP v2 at Ray Serve's gRPC proxy
 
 
 def build(repository: Path, settings: Settings = DEFAULTS) -> Application:
@@ -82,7 +83,10 @@ def start(repository: Path, settings: Settings = DEFAULTS) -> None:
     cluster = settings.cluster
     if not ray.is_initialized():
         ray.init(address=cluster.address or None, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options=HTTPOptions(host=cluster.host, port=cluster.http_port))
+    grpc = None
+    if cluster.grpc_port >= 0:
+        grpc = gRPCOptions(port=cluster.grpc_port, grpc_servicer_functions=[GRPC_SERVICE])
+    serve.start(http_options=HTTPOptions(host=cluster.host, port=cluster.http_port), grpc_options=grpc)
     target = serve.RunTarget(build(repository, settings), name=APP_NAME, route_prefix="/")
     serve.run_many([target], wait_for_applications_running=False)
     wait_running(cluster.deploy_timeout_s)

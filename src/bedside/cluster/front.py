@@ -14,6 +14,7 @@ import logging
 from time import perf_counter_ns
 from typing import Any
 
+import grpc
 from ray import serve
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayError, WorkerCrashedError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
@@ -22,6 +23,8 @@ from bedside.cluster.gate import PriorityGate
 from bedside.cluster.plan import Placement
 from bedside.errors import Unavailable, model_not_found
 from bedside.server.gateway import Gateway
+from bedside.server.grpc.gateway import RESPONSES, GRPCGateway
+from bedside.server.grpc.inproc import GRPCAnswer, GRPCCall
 from bedside.server.inproc import HTTPAnswer, HTTPCall
 from bedside.settings import Settings
 
@@ -51,7 +54,39 @@ class ClusterBackend:
         self.lost = 0
         self._refresher: asyncio.Task[None] | None = None
 
+    def serves(self, model: str) -> bool:
+        return model in self.placements
+
+    # REST (server.gateway.Backend) and gRPC (server.grpc.gateway.GRPCBackend): the same routes,
+    # to the replica's `http` or `grpc` method
     async def forward(self, model: str, priority: Any, call: HTTPCall) -> HTTPAnswer:
+        answer: HTTPAnswer = await self._forward("http", model, priority, call)
+        return answer
+
+    async def forward_grpc(self, model: str, priority: Any, call: GRPCCall) -> GRPCAnswer:
+        answer: GRPCAnswer = await self._forward("grpc", model, priority, call)
+        return answer
+
+    async def forward_any(self, call: HTTPCall) -> HTTPAnswer:
+        answer: HTTPAnswer = await self._send("http", self._first(), call, 0)
+        return answer
+
+    async def forward_grpc_any(self, call: GRPCCall) -> GRPCAnswer:
+        answer: GRPCAnswer = await self._send("grpc", self._first(), call, 0)
+        return answer
+
+    async def gather(self, call: HTTPCall) -> list[HTTPAnswer]:
+        return list(await asyncio.gather(*(self._send("http", p, call, 0) for p in self.placements.values())))
+
+    async def gather_grpc(self, call: GRPCCall) -> list[GRPCAnswer]:
+        return list(await asyncio.gather(*(self._send("grpc", p, call, 0) for p in self.placements.values())))
+
+    def _first(self) -> Placement:
+        if not self.placements:
+            raise Unavailable("the cluster serves no model: the repository is empty")
+        return next(iter(self.placements.values()))
+
+    async def _forward(self, kind: str, model: str, priority: Any, call: Any) -> Any:
         placement = self.placements.get(model)
         if placement is None:
             raise model_not_found(model)  # the box's words for a model it does not have
@@ -61,17 +96,9 @@ class ClusterBackend:
         await gate.enter(placement.level(priority))
         try:
             waited_us = (perf_counter_ns() - started) // 1000
-            return await self._send(placement, call, waited_us)
+            return await self._send(kind, placement, call, waited_us)
         finally:
             gate.leave()
-
-    async def forward_any(self, call: HTTPCall) -> HTTPAnswer:
-        if not self.placements:
-            raise Unavailable("the cluster serves no model: the repository is empty")
-        return await self._send(next(iter(self.placements.values())), call, 0)
-
-    async def gather(self, call: HTTPCall) -> list[HTTPAnswer]:
-        return list(await asyncio.gather(*(self._send(p, call, 0) for p in self.placements.values())))
 
     async def ready(self) -> bool:
         async def one(placement: Placement) -> bool:
@@ -83,12 +110,11 @@ class ClusterBackend:
 
         return bool(self.placements) and all(await asyncio.gather(*(one(p) for p in self.placements.values())))
 
-    async def _send(self, placement: Placement, call: HTTPCall, waited_us: int) -> HTTPAnswer:
-        handle = self.handles[placement.deployment]
+    async def _send(self, kind: str, placement: Placement, call: Any, waited_us: int) -> Any:
+        method = getattr(self.handles[placement.deployment], kind)  # the replica's http or grpc
         for attempt in range(self.retries + 1):
             try:
-                answer: HTTPAnswer = await handle.http.remote(call, waited_us)
-                return answer
+                return await method.remote(call, waited_us)
             except LOST as exc:
                 if attempt == self.retries:
                     self.lost += 1
@@ -140,6 +166,66 @@ class Front:
     def __init__(self, placements: list[Placement], handles: dict[str, Any], settings: Settings) -> None:
         self.backend = ClusterBackend(placements, handles, settings)
         self.gateway = Gateway(self.backend, settings.server.max_body_mb << 20)
+        self.grpc_gateway = GRPCGateway(self.backend)
 
     def __serve_build_asgi_app__(self) -> Gateway:
         return self.gateway
+
+    # gRPC: Ray Serve's gRPC proxy calls the method named as the RPC (server.grpc.gateway registers them)
+    async def _grpc(self, method: str, request: Any, grpc_context: Any) -> Any:
+        metadata = tuple(
+            (str(k), v if isinstance(v, str) else v.decode("latin-1")) for k, v in grpc_context.invocation_metadata()
+        )
+        answer = await self.grpc_gateway.call(method, request, metadata)
+        if answer.code != "OK":
+            grpc_context.set_code(grpc.StatusCode[answer.code])
+            grpc_context.set_details(answer.details)
+            if answer.trailing:
+                grpc_context.set_trailing_metadata(list(answer.trailing))
+            return RESPONSES[method]()
+        return _Serialized(answer.response)
+
+    async def ModelInfer(self, request: Any, grpc_context: Any) -> Any:  # named as the RPC
+        return await self._grpc("ModelInfer", request, grpc_context)
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("ModelMetadata", request, grpc_context)
+
+    async def ModelReady(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("ModelReady", request, grpc_context)
+
+    async def ModelConfig(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("ModelConfig", request, grpc_context)
+
+    async def ModelStatistics(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("ModelStatistics", request, grpc_context)
+
+    async def ServerLive(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("ServerLive", request, grpc_context)
+
+    async def ServerReady(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("ServerReady", request, grpc_context)
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("ServerMetadata", request, grpc_context)
+
+    async def RepositoryIndex(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("RepositoryIndex", request, grpc_context)
+
+    async def RepositoryModelLoad(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("RepositoryModelLoad", request, grpc_context)
+
+    async def RepositoryModelUnload(self, request: Any, grpc_context: Any) -> Any:
+        return await self._grpc("RepositoryModelUnload", request, grpc_context)
+
+
+class _Serialized:
+    """A replica's answer, already serialized: Ray Serve asks the result for its bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def SerializeToString(self) -> bytes:  # protobuf's name
+        return self.data

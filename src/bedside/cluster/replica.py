@@ -16,6 +16,8 @@ from bedside.cluster.autoscale import QUEUE_DELAY
 from bedside.dataplane import Dataplane
 from bedside.protocol.types import SYSTEM
 from bedside.security.keys import load_keyring
+from bedside.server.grpc import InferenceServicer
+from bedside.server.grpc.inproc import GRPCAnswer, GRPCCall, call_service
 from bedside.server.inproc import HTTPAnswer, HTTPCall, call_app
 from bedside.server.rest import App
 from bedside.server.run import build_access
@@ -36,6 +38,7 @@ class ModelReplica:
         )
         self.dataplane.start()  # blocking, in the actor's constructor: Ray routes nothing here until it returns
         self.app = App(self.dataplane, settings.server)
+        self.grpc_handler = InferenceServicer(self.dataplane, settings.server.inline_decode_kb << 10).handler()
         self._front_wait_ns = 0  # waited at the front's gate since the last report
         self._queue_seen = (0, 0)  # (requests, ns in bedside's queue), cumulative, at the last report
         self._reported_ns = perf_counter_ns()
@@ -43,6 +46,10 @@ class ModelReplica:
     async def http(self, call: HTTPCall, front_wait_us: int = 0) -> HTTPAnswer:
         self._front_wait_ns += front_wait_us * 1000
         return await call_app(self.app, call)
+
+    async def grpc(self, call: GRPCCall, front_wait_us: int = 0) -> GRPCAnswer:
+        self._front_wait_ns += front_wait_us * 1000
+        return await call_service(self.grpc_handler, call)
 
     async def ready(self) -> bool:
         return self.dataplane.ready()

@@ -33,6 +33,7 @@ from bedside.dataplane import CallContext, Dataplane, call_context
 from bedside.dataplane.context import PRIORITY_KEY, TENANT_KEY, TIMEOUT_MS_KEY
 from bedside.errors import (
     BedsideError,
+    Conflict,
     DeadlineExceeded,
     Forbidden,
     InferenceFailed,
@@ -71,6 +72,7 @@ STATUS_CODES: dict[type[BedsideError], grpc.StatusCode] = {
     InferenceFailed: grpc.StatusCode.INTERNAL,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Forbidden: grpc.StatusCode.PERMISSION_DENIED,
+    Conflict: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 _DEFAULT_CONTEXT = call_context(None, transport="grpc", caller=ANONYMOUS)
