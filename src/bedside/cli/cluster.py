@@ -89,7 +89,8 @@ def up(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(0.5):  # a timed wait: Ray's threads may take the signal, the main thread must look
+        pass
     console.print("stopping: the application is removed from the cluster")
     cluster.stop()
 
