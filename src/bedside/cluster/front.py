@@ -9,7 +9,6 @@ answered by a replica or refused with a reason (503 + Retry-After), never lost i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from time import perf_counter_ns
 from typing import Any
@@ -140,9 +139,12 @@ class ClusterBackend:
 
     async def _refresh(self) -> None:
         """Resize each gate to the replicas running now, every REFRESH_S while requests come."""
-        with contextlib.suppress(Exception):  # the controller busy: the last sizes hold
+        try:
             status = await asyncio.get_running_loop().run_in_executor(None, serve.status)
             deployments = status.applications[APP_NAME].deployments
+        except Exception as exc:  # the controller busy or restarting: the last sizes hold
+            log.warning("replica counts not refreshed (%s); the front keeps the last ones", _kind(exc))
+        else:
             for name, placement in self.placements.items():
                 found = deployments.get(placement.deployment)
                 if found is not None:
