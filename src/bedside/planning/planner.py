@@ -197,6 +197,23 @@ def plan(
     return Plan(packing, one, needed, cores, seconds, notes)
 
 
+def evaluate(
+    workload: Workload,
+    setups: dict[str, Setup],
+    packing: Packing,
+    replicas: int = 1,
+    cores: float = 1.0,
+    seconds: float = 60.0,
+    background: float = 0.0,
+    seed: int = 0,
+    wake_ms: float = 0.0,
+) -> Evaluation:
+    """The workload on `replicas` copies of `packing`, once, without searching for a count (the cluster
+    sizing does its own search, over boxes that carry different parts of a hospital)."""
+    load = streams(workload, setups)
+    return _evaluate(workload, setups, load, packing, replicas, cores, seconds, background, seed, wake_ms)
+
+
 def _evaluate(
     workload: Workload,
     setups: dict[str, Setup],

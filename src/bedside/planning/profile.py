@@ -117,11 +117,10 @@ def box_info() -> dict[str, Any]:
 
 
 def model_folders(root: Path) -> tuple[list[str], list[str]]:
-    """(models, graphs) in the repository."""
-    store = ModelStore(root)
-    names = store.names()
-    graphs = [n for n in names if (root / n / GRAPH_FILE).is_file()]
-    return [n for n in names if n not in graphs], graphs
+    """(models, graphs) in the repository. The store lists models only; a graph is a folder with a
+    graph.toml."""
+    graphs = sorted(p.name for p in root.iterdir() if (p / GRAPH_FILE).is_file()) if root.is_dir() else []
+    return [n for n in ModelStore(root).names() if n not in graphs], graphs
 
 
 def measure(

@@ -15,6 +15,11 @@ calls = { vitals_deterioration = 1, breast_mass_malignancy = 2 }
 target_p99_ms = 20
 ```
 
+A `[site]` table (optional) describes a hospital for `bench/cluster_sizing.py`, which splits it over
+several boxes: `beds`, `ward_beds` (a box serves whole wards), and `central`, the demands served by
+central boxes rather than per ward; every other demand's rate is the whole site's, carried by the
+ward boxes in proportion to their beds. `bedside plan` ignores it.
+
 Without `priorities`, every request is at the model's default priority. Without a target a level is
 predicted but not judged. A graph's p99 is judged as the sum of its calls' p99s (count times each):
 an upper bound, as if every call ran after the one before and each hit its own p99.
@@ -31,6 +36,8 @@ from typing import Any
 from bedside.errors import BedsideError
 
 _KEYS = {"rate", "priorities", "target_p99_ms", "rows", "calls"}
+_SITE_KEYS = {"beds", "ward_beds", "central"}
+SITE = "site"  # the reserved table that describes the hospital, not a model
 EVERY_LEVEL = 0  # the key of a target that applies to every level
 
 
@@ -56,9 +63,25 @@ class Demand:
 
 
 @dataclass(frozen=True, slots=True)
+class Site:
+    """A hospital split over boxes: `beds` in wards of `ward_beds` (the last ward takes what is left);
+    the demands named in `central` go to central boxes, the others to the ward boxes."""
+
+    beds: int
+    ward_beds: int
+    central: tuple[str, ...] = ()
+
+    def wards(self) -> list[int]:
+        """Beds per ward, the full wards first."""
+        full, rest = divmod(self.beds, self.ward_beds)
+        return [self.ward_beds] * full + ([rest] if rest else [])
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
     demands: list[Demand]
     seconds: float | None = None
+    site: Site | None = None
 
     def models_called(self) -> set[str]:
         out: set[str] = set()
@@ -87,14 +110,36 @@ def parse_workload(doc: dict[str, Any], where: str = "workload") -> Workload:
         raise WorkloadError(f"{where}: seconds must be a number above 0, got {seconds!r}")
     demands = []
     for name, raw in doc.items():
-        if name == "seconds":
+        if name in ("seconds", SITE):
             continue
         if not isinstance(raw, dict):
             raise WorkloadError(f"{where}: {name!r} must be a table ([{name}]) of rate, priorities, target_p99_ms")
         demands.append(_demand(name, raw, where))
     if not demands:
         raise WorkloadError(f"{where} names no model: add a table such as [my_model] with rate = 10")
-    return Workload(demands, None if seconds is None else float(seconds))
+    site = _site(doc[SITE], {d.name for d in demands}, where) if SITE in doc else None
+    return Workload(demands, None if seconds is None else float(seconds), site)
+
+
+def _site(raw: Any, names: set[str], where: str) -> Site:
+    at = f"{where} [{SITE}]"
+    if not isinstance(raw, dict):
+        raise WorkloadError(f"{at} must be a table of beds, ward_beds, central")
+    unknown = set(raw) - _SITE_KEYS
+    if unknown:
+        raise WorkloadError(f"{at}: unknown keys {', '.join(sorted(unknown))} (known: {', '.join(sorted(_SITE_KEYS))})")
+    beds, ward_beds = raw.get("beds"), raw.get("ward_beds")
+    for key, value in (("beds", beds), ("ward_beds", ward_beds)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise WorkloadError(f"{at}: {key} must be a whole number of 1 or more, got {value!r}")
+    assert isinstance(beds, int) and isinstance(ward_beds, int)
+    central = raw.get("central", [])
+    if not isinstance(central, list) or not all(isinstance(n, str) for n in central):
+        raise WorkloadError(f'{at}: central is a list of the demands central boxes serve, e.g. ["imaging"]')
+    stray = sorted(set(central) - names)
+    if stray:
+        raise WorkloadError(f"{at}: central names {', '.join(stray)}, which the workload has no table for")
+    return Site(beds, ward_beds, tuple(central))
 
 
 def _demand(name: str, raw: dict[str, Any], where: str) -> Demand:
