@@ -139,7 +139,9 @@ SANDBOX = {
     "CapabilityBoundingSet": "",
     "AmbientCapabilities": "",
     "KillSignal": "SIGTERM",
+    "KillMode": "mixed",
     "Restart": "on-failure",
+    "RestartPreventExitStatus": "2",
 }
 
 
@@ -152,6 +154,8 @@ def test_unit_sandbox_keys(unit: dict[str, dict[str, list[str]]]) -> None:
     # the scheduler lowers routine threads with setpriority (@resources): no filter may take it away
     assert not any("@resources" in value for value in service["SystemCallFilter"]), service["SystemCallFilter"]
     assert int(service["LimitNOFILE"][0]) >= DEFAULTS.server.max_connections + DEFAULTS.streams.mllp_max_connections
+    # restarts during an upgrade and after a passing failure are never refused by a start limit
+    assert unit["Unit"].get("StartLimitIntervalSec") == ["0"], unit["Unit"]
 
 
 def test_unit_runs_as_the_sysusers_user(unit: dict[str, dict[str, list[str]]]) -> None:
