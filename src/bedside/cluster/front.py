@@ -13,7 +13,6 @@ import logging
 from time import perf_counter_ns
 from typing import Any
 
-import grpc
 from ray import serve
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayError, WorkerCrashedError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
@@ -22,7 +21,7 @@ from bedside.cluster.gate import PriorityGate
 from bedside.cluster.plan import Placement
 from bedside.errors import Unavailable, model_not_found
 from bedside.server.gateway import Gateway
-from bedside.server.grpc.gateway import RESPONSES, GRPCGateway
+from bedside.server.grpc.gateway import GRPCGateway
 from bedside.server.grpc.inproc import GRPCAnswer, GRPCCall
 from bedside.server.inproc import HTTPAnswer, HTTPCall
 from bedside.settings import Settings
@@ -175,17 +174,7 @@ class Front:
 
     # gRPC: Ray Serve's gRPC proxy calls the method named as the RPC (server.grpc.gateway registers them)
     async def _grpc(self, method: str, request: Any, grpc_context: Any) -> Any:
-        metadata = tuple(
-            (str(k), v if isinstance(v, str) else v.decode("latin-1")) for k, v in grpc_context.invocation_metadata()
-        )
-        answer = await self.grpc_gateway.call(method, request, metadata)
-        if answer.code != "OK":
-            grpc_context.set_code(grpc.StatusCode[answer.code])
-            grpc_context.set_details(answer.details)
-            if answer.trailing:
-                grpc_context.set_trailing_metadata(list(answer.trailing))
-            return RESPONSES[method]()
-        return _Serialized(answer.response)
+        return await self.grpc_gateway.reply(method, request, grpc_context)
 
     async def ModelInfer(self, request: Any, grpc_context: Any) -> Any:  # named as the RPC
         return await self._grpc("ModelInfer", request, grpc_context)
@@ -219,15 +208,3 @@ class Front:
 
     async def RepositoryModelUnload(self, request: Any, grpc_context: Any) -> Any:
         return await self._grpc("RepositoryModelUnload", request, grpc_context)
-
-
-class _Serialized:
-    """A replica's answer, already serialized: Ray Serve asks the result for its bytes."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def SerializeToString(self) -> bytes:  # protobuf's name
-        return self.data

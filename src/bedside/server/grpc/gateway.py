@@ -67,6 +67,21 @@ class GRPCGateway:
     def __init__(self, backend: GRPCBackend) -> None:
         self.backend = backend
 
+    async def reply(self, method: str, request: Message, context: Any) -> Any:
+        """Answer a call through a context that carries the status (Ray Serve's gRPC context):
+        the response (already serialized) or the status, details and trailing metadata."""
+        metadata = tuple(
+            (str(k), v if isinstance(v, str) else v.decode("latin-1")) for k, v in context.invocation_metadata()
+        )
+        answer = await self.call(method, request, metadata)
+        if answer.code != "OK":
+            context.set_code(grpc.StatusCode[answer.code])
+            context.set_details(answer.details)
+            if answer.trailing:
+                context.set_trailing_metadata(list(answer.trailing))
+            return RESPONSES[method]()
+        return Serialized(answer.response)
+
     async def call(self, method: str, request: Message, metadata: Metadata) -> GRPCAnswer:
         try:
             return await self._route(method, request, metadata)
@@ -124,3 +139,15 @@ def _merged(method: str, answers: list[GRPCAnswer]) -> GRPCAnswer:
             rows.setdefault((row.name, row.version), row)
     getattr(merged, field).extend(rows[key] for key in sorted(rows))
     return _ok(merged)
+
+
+class Serialized:
+    """A replica's answer, already serialized: the proxy asks a result for its bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def SerializeToString(self) -> bytes:  # protobuf's name
+        return self.data
