@@ -201,27 +201,51 @@ done
 "${PODMAN[@]}" logs "$name" 2>&1 | tail -n 5
 ca=$run/tls/ca.pem
 step "run: from the host, through the published port"
-python3 - "$HTTP_PORT" "$ca" "$run/probe.token" <<'EOF'
-import json, ssl, sys, urllib.error, urllib.request
+python3 - "$HTTP_PORT" "$GRPC_PORT" "$ca" "$run/probe.token" <<'EOF'
+import json, socket, ssl, sys, urllib.error, urllib.request
 
-port, ca, token_file = sys.argv[1], sys.argv[2], sys.argv[3]
+http_port, grpc_port, ca, token_file = sys.argv[1:5]
 context = ssl.create_default_context(cafile=ca)
-base = f"https://127.0.0.1:{port}"
+base = f"https://127.0.0.1:{http_port}"
+token = {"Authorization": "Bearer " + open(token_file).read().strip()}
+
+
+def call(path, body=None, headers=token):
+    data = json.dumps(body).encode() if body is not None else None
+    with urllib.request.urlopen(urllib.request.Request(base + path, data, headers), context=context, timeout=10) as r:
+        return json.load(r)
+
+
 with urllib.request.urlopen(f"{base}/v2/health/ready", context=context, timeout=5) as answer:
     print("GET /v2/health/ready ->", answer.status)
 try:
-    urllib.request.urlopen(f"{base}/v2/models/stats", context=context, timeout=5)
+    call("/v2/models/stats", headers={})
     sys.exit("an anonymous caller was let in")
 except urllib.error.HTTPError as exc:
     print("GET /v2/models/stats without a token ->", exc.code)
-token = open(token_file).read().strip()
-request = urllib.request.Request(f"{base}/v2/repository/index", b"{}", {"Authorization": f"Bearer {token}"})
-try:
-    with urllib.request.urlopen(request, context=context, timeout=10) as answer:
-        rows = json.load(answer)
-    print("POST /v2/repository/index with the token ->", [(r["name"], r.get("state")) for r in rows])
-except urllib.error.HTTPError as exc:  # the probe's roles may not cover repository control
-    print("POST /v2/repository/index with the token ->", exc.code)
+rows = call("/v2/repository/index", {})
+print("POST /v2/repository/index with the token ->", [(r["name"], r.get("state")) for r in rows])
+for row in rows:  # the first ready model with numeric inputs, fed zeros
+    if row.get("state") != "READY":
+        continue
+    meta = call(f"/v2/models/{row['name']}")
+    if any(i["datatype"] == "BYTES" for i in meta["inputs"]):
+        continue
+    inputs = []
+    for spec in meta["inputs"]:
+        shape = [1 if d < 0 else d for d in spec["shape"]]
+        count = 1
+        for d in shape:
+            count *= d
+        inputs.append({"name": spec["name"], "datatype": spec["datatype"], "shape": shape, "data": [0] * count})
+    outputs = call(f"/v2/models/{row['name']}/infer", {"inputs": inputs})["outputs"]
+    print(f"POST /v2/models/{row['name']}/infer ->", [(o["name"], o["shape"]) for o in outputs])
+    break
+grpc_context = ssl.create_default_context(cafile=ca)
+grpc_context.set_alpn_protocols(["h2"])
+with socket.create_connection(("127.0.0.1", int(grpc_port)), timeout=5) as raw:
+    with grpc_context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        print("gRPC port: TLS handshake, certificate verified, ALPN", tls.selected_alpn_protocol())
 EOF
 step "run: podman stop (SIGTERM; the server shuts down in order)"
 "${PODMAN[@]}" stop -t 30 "$name" >/dev/null
