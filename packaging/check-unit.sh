@@ -10,7 +10,9 @@
 #   - MemoryDenyWriteExecute is enforced at all (a W+X mapping is refused with it, allowed without)
 #   - SIGKILL to the server: restarted (Restart=on-failure); systemctl stop: exit 0 after SIGTERM;
 #     a configuration error (exit 2): not restarted
-#   - the ward configuration: TLS, authentication and mutual TLS on 0.0.0.0 from /etc/bedside/bedside.env
+#   - the ward configuration: TLS, authentication and mutual TLS on 0.0.0.0 from /etc/bedside/bedside.env,
+#     a token for an application, a monitor's certificate registered by bedside; HL7 over MLLP with TLS
+#     from that monitor (accepted for its beds, refused for others and without a certificate)
 #   - systemd-analyze security's exposure figure
 #   - with --upgrade: the software upgrade of packaging/README.md — two releases side by side under
 #     /opt/bedside/releases, /opt/bedside/venv a symlink switched from one to the other and back,
@@ -34,7 +36,7 @@ while [[ $# -gt 0 ]]; do
     --upgrade) UPGRADE=1; shift ;;
     --ca-bundle) CA_BUNDLE=$2; shift 2 ;;
     --storage-driver) STORAGE_DRIVER=$2; shift 2 ;;
-    -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -213,6 +215,12 @@ in_guest sh -ec '
     chgrp bedside /etc/bedside/bedside.env && chmod 0640 /etc/bedside/bedside.env
     runuser -u bedside -- $B tokens add ward-app --tenant default --role infer \
         --callers /var/lib/bedside/state/callers.json >/root/ward-app.token 2>/dev/null
+    $B certs client /root/pki monitor-7 --tenant default --role device --bed "ICU-*" \
+        --callers /root/pki/issued.json >/dev/null
+    install -m 0644 /root/pki/monitor-7.pem /tmp/monitor-7.pem
+    runuser -u bedside -- $B certs register monitor-7 --cert /tmp/monitor-7.pem --tenant default --role device \
+        --bed "ICU-*" --callers /var/lib/bedside/state/callers.json >/dev/null
+    runuser -u bedside -- $B tokens list --callers /var/lib/bedside/state/callers.json | grep -E "ward-app|monitor-7"
     systemctl restart bedside'
 probe_ward() { in_guest sh -c 'set -a; . /etc/bedside/bedside.env; exec /opt/bedside/venv/bin/python /opt/bedside/healthcheck.py'; }
 for _ in $(seq 60); do
@@ -258,7 +266,11 @@ request = urllib.request.Request("https://127.0.0.1:8000/v2/models/breast_mass_m
                                  {"Authorization": "Bearer " + open("/root/ward-app.token").read().strip()})
 print("the token issued before:", urllib.request.urlopen(request, context=ctx).status)'
     }
-    step "upgrade: serving from $(release)"
+    step "upgrade: serving from $(release); release B checked as the service would run it"
+    in_guest sh -c 'runuser -u bedside -- env $(grep -v "^#" /etc/bedside/bedside.env | xargs) \
+        /opt/bedside/releases/B/venv/bin/bedside settings --json >/dev/null && echo "B: settings valid"'
+    in_guest runuser -u bedside -- /opt/bedside/releases/B/venv/bin/bedside models -r /var/lib/bedside/models |
+        grep -c READY | sed 's/^/B: versions READY offline: /'
     switch B
     step "upgrade: switched the link to B and restarted: serving from $(release)"
     token_works
@@ -267,6 +279,37 @@ print("the token issued before:", urllib.request.urlopen(request, context=ctx).s
     token_works
     in_guest runuser -u bedside -- /opt/bedside/venv/bin/bedside audit verify --file /var/lib/bedside/state/audit.sqlite
 fi
+
+step "HL7 over MLLP with TLS: monitor-7's certificate (beds ICU-*), and without one"
+in_guest /opt/bedside/venv/bin/python -c '
+import socket, ssl, time
+from bedside.tools.replay import oru, read_ack
+
+
+def send(bed, cert):
+    context = ssl.create_default_context(cafile="/etc/bedside/tls/ca.pem")
+    if cert:
+        context.load_cert_chain("/root/pki/monitor-7.pem", "/root/pki/monitor-7.key")
+    message = oru(bed, f"C{bed}", {"heart_rate": 72, "spo2": 97, "respiratory_rate": 16}, time.time())
+    try:
+        with socket.create_connection(("127.0.0.1", 2575), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"\x0b" + message.encode() + b"\x1c\r")
+                data = b""
+                while not data.endswith(b"\x1c\r"):
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+        answer = read_ack(data.strip(b"\x0b\x1c\r").decode()) if data else None
+        return f"{answer.code} {answer.text}".strip() if answer else "connection closed, no answer"
+    except (OSError, ssl.SSLError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+print("bed ICU-1 with the certificate:", send("ICU-1", True))
+print("bed WARD-3 with the certificate:", send("WARD-3", True))
+print("bed ICU-1 without a certificate:", send("ICU-1", False))'
 
 step "systemctl stop: SIGTERM, the server shuts down in order"
 in_guest systemctl stop bedside
