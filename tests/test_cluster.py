@@ -158,6 +158,16 @@ def test_the_cluster_refuses_what_only_a_box_serves_with_a_reason(url: str):
     assert _exchange(url, "GET", "/v2/health/ready")[0] == 200
 
 
+def test_metrics_gather_every_deployment(url: str):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _exchange(url, "GET", f"/v2/models/{DIABETES}")
+    status, body, headers = _exchange(url, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    models = {s.labels.get("model") for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+    assert {BREAST, DIABETES, "medication_check", "medication_risk"} <= models
+
+
 def _running(deployment: str) -> int:
     row = next(r for r in cluster.describe() if r["deployment"] == deployment)
     return int(row["replicas"].get("RUNNING", 0))

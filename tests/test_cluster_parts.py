@@ -205,3 +205,37 @@ def test_gateway_routes_by_model_and_reads_the_priority_cheaply():
     assert beds.status == 404 and b"ward's box" in beds.body
     assert unload.status == 409 and b"bedside cluster up" in unload.body
     assert large.status == 413
+
+
+def test_metrics_from_every_deployment_merge_into_one_valid_text():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from bedside.server.gateway import merged_metrics
+
+    def text(model: str, lost: int, extra_model: str = "") -> bytes:
+        lines = [
+            "# HELP bedside_requests Requests answered.",
+            "# TYPE bedside_requests counter",
+            f'bedside_requests_total{{model="{model}",version="1"}} 5.0',
+        ]
+        if extra_model:  # a graph's replica also reports the model it loads
+            lines.append(f'bedside_requests_total{{model="{extra_model}",version="1"}} 99.0')
+        lines += [
+            "# HELP bedside_audit_lost Entries lost.",
+            "# TYPE bedside_audit_lost gauge",
+            f"bedside_audit_lost {lost}",
+        ]
+        return ("\n".join(lines) + "\n").encode()
+
+    merged = merged_metrics([HTTPAnswer(200, (), text("a", 1)), HTTPAnswer(200, (), text("g", 2, extra_model="a"))])
+    assert merged.status == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(merged.body.decode())
+        for s in family.samples
+    }
+    assert samples[("bedside_requests_total", (("model", "a"), ("version", "1")))] == 5.0  # its own deployment's
+    assert samples[("bedside_requests_total", (("model", "g"), ("version", "1")))] == 5.0
+    assert samples[("bedside_audit_lost", ())] == 3.0  # server-wide: summed over the replicas
+    refused = HTTPAnswer(403, (), b'{"error": "monitor role needed"}')
+    assert merged_metrics([HTTPAnswer(200, (), text("a", 0)), refused]) is refused

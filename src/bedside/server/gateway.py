@@ -11,14 +11,18 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import orjson
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
+from bedside.dataplane.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from bedside.errors import BedsideError, Conflict, MethodNotAllowed, NotFound, TooLarge
 from bedside.server.inproc import HTTPAnswer, HTTPCall
 
 _JSON = ((b"content-type", b"application/json"),)
 NOT_IN_A_CLUSTER = (
-    "is not served by a bedside cluster: the streams (HL7, ECG, alerts), the status page and /metrics run on "
-    "each ward's box; the cluster serves /v2 inference, metadata, health, statistics and the repository index"
+    "is not served by a bedside cluster: the streams (HL7, ECG, alerts) and the status page run on each "
+    "ward's box; the cluster serves /v2 inference, metadata, health, statistics, the repository index and /metrics"
 )
 
 
@@ -74,9 +78,12 @@ class Gateway:
     async def _route(self, scope: dict[str, Any], receive: Any) -> HTTPAnswer:
         path, method = scope["path"], scope["method"]
         parts = path.rstrip("/").split("/")[1:]
-        if parts[:1] != ["v2"]:
+        if parts[:1] != ["v2"] and parts != ["metrics"]:
             raise NotFound(f"{path[:64]} {NOT_IN_A_CLUSTER}")
         rest = parts[1:]
+        if parts == ["metrics"]:
+            _require(method, "GET", path)
+            return merged_metrics(await self.backend.gather(await self._read(scope, receive)))
         if rest[:1] == ["health"] and len(rest) == 2 and rest[1] in ("live", "ready"):
             _require(method, "GET", path)
             if rest[1] == "live":
@@ -159,3 +166,38 @@ def _merged(answers: list[HTTPAnswer], key: str | None) -> HTTPAnswer:
                 rows.append(row)
     rows.sort(key=lambda row: (str(row.get("name", "")), str(row.get("version", ""))))
     return answer(200, {key: rows} if key is not None else rows)
+
+
+def merged_metrics(answers: list[HTTPAnswer]) -> HTTPAnswer:
+    """One Prometheus text from every deployment's: a model's samples from its own deployment (the
+    answers come first; a graph's replicas load models too), server-wide ones (the audit log's
+    counters, no model label) summed over the replicas that reported them."""
+    for one in answers:
+        if one.status != 200:
+            return one
+    families: dict[str, Metric] = {}
+    values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+    for one in answers:
+        seen_here: set[tuple[str, str, tuple[tuple[str, str], ...]]] = set()
+        for family in text_string_to_metric_families(one.body.decode()):
+            families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            for sample in family.samples:
+                key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                if key not in values:
+                    values[key] = sample.value
+                    seen_here.add(key)
+                elif "model" not in sample.labels and key not in seen_here:
+                    values[key] += sample.value
+    for (family_name, name, labels), value in values.items():
+        families[family_name].add_sample(name, dict(labels), value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return HTTPAnswer(200, ((b"content-type", METRICS_CONTENT_TYPE.encode()),), generate_latest(registry))
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
