@@ -7,12 +7,14 @@ the cluster is a Ray instance of this process (2 CPUs) with the front and N fixe
 (`[cluster] min_replicas = max_replicas = N`), reached through Ray Serve's HTTP proxy. Each row
 is a closed loop from this process's raw-socket client (c=1 and c=16). Ray's proxy, the front and
 the replicas all share this 2-core box with the load generator: the figures show the cost of the
-hops, not a cluster's capacity. Writes bench/results/cluster_scaling.json.
+hops, not a cluster's capacity. Writes bench/results/cluster_scaling.json
+(--throughput-optimized: Ray Serve's own fast mode, cluster_scaling_optimized.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -51,7 +53,15 @@ def measure(port: int, request: bytes, seconds: float) -> list[dict[str, float]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
+    parser.add_argument(
+        "--throughput-optimized",
+        action="store_true",
+        help="Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode (user code on the replica's loop, gRPC between "
+        "deployments), keeping its HTTP proxy (direct ingress off: clients keep one port)",
+    )
     args = parse_args(parser, seconds=1.0)
+    if args.throughput_optimized:  # read by Ray when it is imported, in this process and the ones it starts
+        os.environ.update(RAY_SERVE_THROUGHPUT_OPTIMIZED="1", RAY_SERVE_ENABLE_DIRECT_INGRESS="0")
     require("ray")
     import ray
     from sklearn.datasets import load_breast_cancer
@@ -79,7 +89,8 @@ def main() -> None:
                 say(f"cluster_scaling: Ray Serve, {replicas} replica(s), deploying...")
                 cluster.start(repo, settings)
                 say(f"cluster_scaling: Ray Serve, {replicas} replica(s), {args.seconds:g} s at c=1 and c=16...")
-                case = {"case": "Ray Serve proxy -> front -> replica", "replicas": replicas}
+                mode = " (throughput-optimized)" if args.throughput_optimized else ""
+                case = {"case": f"Ray Serve proxy -> front -> replica{mode}", "replicas": replicas}
                 rows += [{**case, **r} for r in measure(port, request, args.seconds)]
                 from ray import serve
 
@@ -100,7 +111,9 @@ def main() -> None:
         ["case", "replicas", "concurrency", "n", "p50_ms", "p99_ms", "throughput_rps"],
     )
     say(f"cluster_scaling: {figures}")
-    write_results("cluster_scaling", {"model": MODEL, "rows": rows, "figures": figures, "machine": machine()})
+    name = "cluster_scaling_optimized" if args.throughput_optimized else "cluster_scaling"
+    doc = {"model": MODEL, "throughput_optimized": args.throughput_optimized, "rows": rows, "figures": figures}
+    write_results(name, {**doc, "machine": machine()})
 
 
 if __name__ == "__main__":
