@@ -51,8 +51,20 @@ step() { printf '== %s\n' "$*"; }
 step "guest: localhost/bedside:$TAG with Debian's systemd added (apt-get from the mirror)"
 ctr=$("${B[@]}" from --pull=never "localhost/bedside:$TAG")
 guest_pid=""
+leader=""
+stop_guest() { # power off; after 30 s, or when it cannot be asked, SIGKILL to its init ends it
+    if [[ -z $guest_pid ]]; then return 0; fi
+    if [[ -n $leader ]]; then nsenter -t "$leader" -a systemctl poweroff >/dev/null 2>&1 || true; fi
+    for _ in $(seq 30); do
+        if ! kill -0 "$guest_pid" 2>/dev/null; then break; fi
+        sleep 1
+    done
+    if kill -0 "$guest_pid" 2>/dev/null && [[ -n $leader ]]; then kill -KILL "$leader" 2>/dev/null || true; fi
+    wait "$guest_pid" 2>/dev/null || true
+    guest_pid=""
+}
 cleanup() {
-    if [[ -n $guest_pid ]] && kill -0 "$guest_pid" 2>/dev/null; then kill "$guest_pid" 2>/dev/null || true; fi
+    stop_guest
     "${B[@]}" rm "$ctr" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -148,7 +160,6 @@ step "guest: booting systemd with systemd-nspawn (own network namespace: ports s
 log=$(mktemp)
 systemd-nspawn -q -D "$root" --private-network --register=no --keep-unit --boot >"$log" 2>&1 &
 guest_pid=$!
-leader=""
 for _ in $(seq 60); do
     leader=$(pgrep -P "$guest_pid" | head -1 || true)
     if [[ -n $leader ]] && nsenter -t "$leader" -a systemctl is-system-running 2>/dev/null | grep -qE 'running|degraded'; then break; fi
@@ -325,6 +336,4 @@ in_guest journalctl -u bedside --no-pager -o cat -n 30 | grep -m1 'http_port'
 in_guest sed -i '/^BEDSIDE_SERVER_HTTP_PORT=eighty$/d' /etc/bedside/bedside.env
 step "systemd-analyze security bedside"
 in_guest systemd-analyze security bedside --no-pager | grep -E 'Overall'
-in_guest systemctl poweroff
-wait "$guest_pid" || true
-guest_pid=""
+stop_guest
