@@ -10,7 +10,7 @@ SERVE_ARGS ?=
 SERVE_ARGS += $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 SERVE_ARGS += $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) $(if $(MLLP_PORT),--mllp-port $(MLLP_PORT))
 
-.PHONY: run test lint bench demo proto settings clean
+.PHONY: run test lint bench demo proto settings clean image
 
 # pip prints a line per package (no progress bars, which are noise in logs), so a first run shows
 # what it is doing; later runs skip this step.
@@ -42,7 +42,7 @@ demo: $(VENV)/.demo
 	$(VENV)/bin/bedside demo
 
 lint: $(VENV)/.dev
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests bench packaging
 	$(PY) -m mypy
 
 test: $(VENV)/.dev lint
@@ -51,6 +51,11 @@ test: $(VENV)/.dev lint
 # make bench BENCH_ARGS=--quick: a smoke run (every script in bench/ takes --quick)
 bench: $(VENV)/.dev
 	$(PY) bench/server_latency.py $(BENCH_ARGS)
+
+# The OCI image from a locally made base (needs root, buildah, debootstrap; podman and runc for --run);
+# see packaging/README.md. IMAGE_ARGS="--run" also starts it and probes its readiness.
+image:
+	packaging/build-image.sh $(IMAGE_ARGS)
 
 # Regenerate the OIP v2 gRPC messages after editing oip.proto (the generated file is committed).
 proto: $(VENV)/.dev
