@@ -117,3 +117,22 @@ def test_a_site_that_names_an_unknown_central_demand_is_refused():
     doc["site"] = {"beds": 0, "ward_beds": 10}
     with pytest.raises(WorkloadError, match="beds must be a whole number"):
         parse_workload(doc)
+
+
+def test_the_event_loop_is_a_queue_in_front_of_the_model():
+    # one ward of 10 beds, 0.5 requests/s: the loop costs 2 ms per request plus 1 ms of CPU every
+    # second whatever the load, spread over the requests: 2 + 1 / 0.5 = 4 ms each; then the model's
+    # 1 ms. Two cores hold the loop and the model side by side: p99 = 4 + 1 = 5 ms.
+    doc = {"site": {"beds": 10, "ward_beds": 10}, "ecg": {"rate": 0.5, "priorities": {"1": 1.0}, "target_p99_ms": 5.5}}
+    ecg, ecg_profile = model("ecg", 1.0)
+    profile = Profile({}, 0.0, {"ecg": ecg_profile})
+    spec = BoxSpec(cores=2.0, budget_mb=1000.0, loop_ms=(("ecg", 2.0),), loop_cores=0.001, min_samples=300)
+    result = size_cluster(parse_workload(doc), {"ecg": ecg}, profile, spec)
+    busiest = result.ward.options[0].busiest
+    row = busiest.evaluation.rows[0]
+    assert row.kind == "graph" and row.p99_ms == pytest.approx(5.0, rel=0.02)
+    assert busiest.evaluation.utilisation["event loop"] == pytest.approx(0.5 * 0.004, rel=0.15)
+    assert result.ward.needed == 1
+    doc["ecg"]["target_p99_ms"] = 4.5  # the model alone (1 ms) would meet it; with the loop in front, no box does
+    result = size_cluster(parse_workload(doc), {"ecg": ecg}, profile, spec)
+    assert result.ward.needed is None

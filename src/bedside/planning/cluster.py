@@ -11,17 +11,24 @@ The hospital (the workload's [site]) is served by two kinds of box, sized indepe
   split evenly between them behind a load balancer.
 
 Each box is simulated with planner.evaluate (bedside's own queues on a simulated clock, the measured
-costs per model and batch size) with `stream_cores_per_bed` of CPU per bed kept busy outside the
-models (WebSocket frames, ECG windowing and R-peak detection, HL7 ingest; bench/cluster_sizing.py
-measures it on a served box) as background load on the box's cores. Per kind of box:
+costs per model and batch size), plus what the streams cost outside the models (bench/cluster_sizing.py
+measures both on a served box):
+- the server's event loop, one thread whatever the cores: each request of a demand in `loop_ms`
+  (an ECG window: its WebSocket frames, windowing, R-peak detection, the result) costs it that many
+  ms, and `loop_cores` keep it busy regardless (timers, the status page, the scorer's rules). It is
+  simulated as one more queue (LOOP) in front of the model, one instance, first come first served:
+  the demand's p99 is then the loop's p99 plus the model's (an upper bound, as for a graph);
+- `stream_cores_per_bed` of CPU per bed in other processes (HL7 ingest), as background load on
+  the box's cores.
+Per kind of box:
 - needed: the fewest boxes whose busiest box meets every target;
 - recommended: needed + 1 (N+1), checked: when any one box is lost and its wards move to the others
   (largest first onto the lightest), the busiest survivor still meets the targets (one more box
   if it does not);
 - headroom: the factor by which the busiest box's load (its rates and its stream CPU) can grow
   before a target is first missed (bisection, to `precision`);
-- utilisation: mean cores busy on the busiest box (each model's busy time x its threads, plus the
-  stream CPU) over the box's cores.
+- utilisation: mean cores busy on the busiest box (each model's busy time x its threads, the loop's,
+  and the stream CPU) over the box's cores.
 """
 
 from __future__ import annotations
@@ -30,12 +37,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from bedside.planning.binpack import DoesNotFit, Packing, pack
+from bedside.modelconfig.scheduling import SchedulingPolicy
+from bedside.planning.binpack import DoesNotFit, ModelSize, Packing, pack
 from bedside.planning.planner import Evaluation, Setup, evaluate, sizes_of, streams
 from bedside.planning.profile import Profile
+from bedside.planning.simulate import Empirical
 from bedside.planning.workload import Site, Workload, WorkloadError
 
 WARD, CENTRAL = "ward", "central"
+LOOP = "event loop"  # the server's event loop, simulated as a queue of its own
 MAX_HEADROOM = 64.0  # a box that carries more than this many times its load: "over x64"
 MAX_CENTRAL = 16  # central boxes tried before giving up
 MIN_SECONDS = 10.0  # simulated seconds per box at least, unless that is more than max_events arrivals
@@ -49,7 +59,9 @@ class BoxSpec:
     budget_mb: float  # memory for the server and its models
     reserve_mb: float = 0.0  # the server with no model loaded (profile.base_mb)
     memory_headroom: float = 0.1  # fraction of the budget kept free
-    stream_cores_per_bed: float = 0.0  # CPU per bed outside the models (stream handling)
+    stream_cores_per_bed: float = 0.0  # CPU per bed outside the models and the loop (HL7 ingest)
+    loop_ms: tuple[tuple[str, float], ...] = ()  # (demand, the event loop's ms per request)
+    loop_cores: float = 0.0  # the event loop's CPU whatever the load, cores
     busy_cores: float = 0.0  # other work on every box
     wake_ms: float = 0.0
     seed: int = 0
@@ -151,11 +163,15 @@ class Sizer:
             CENTRAL: [d for d in workload.demands if d.name in central],
         }
         self.packings: dict[str, Packing] = {}
+        self.loop = dict(spec.loop_ms)
         for kind, demands in self.parts.items():
             if not demands:
                 continue
             models = sorted(Workload(demands).models_called())
-            packing = pack(sizes_of(setups, profile, models), spec.budget_mb, spec.reserve_mb, spec.memory_headroom)
+            sizes = sizes_of(setups, profile, models)
+            if any(d.name in self.loop for d in demands):
+                sizes.append(ModelSize(LOOP, 1, 0.0, 0.0))  # no memory of its own: it is the server's
+            packing = pack(sizes, spec.budget_mb, spec.reserve_mb, spec.memory_headroom)
             if packing.box_count() > 1:
                 raise DoesNotFit(
                     f"the models of a {kind} box ({', '.join(models)}) do not fit one box's memory "
@@ -173,26 +189,34 @@ class Sizer:
 
     def _simulate(self, kind: str, factor: float, beds: float) -> BoxResult:
         spec = self.spec
-        part = Workload([replace(d, rate=d.rate * factor) for d in self.parts[kind]])
-        seconds, rough = self._seconds(part)
+        demands = [replace(d, rate=d.rate * factor) for d in self.parts[kind]]
+        setups = self.setups
+        looped = [d for d in demands if d.name in self.loop and d.calls is None and d.rate > 0]
+        if looped:  # each request through the loop first: its cost, and the loop's fixed CPU spread over them
+            rate = sum(d.rate for d in looped)
+            ms = (spec.loop_cores * 1e3 + sum(d.rate * self.loop[d.name] for d in looped)) / rate
+            setups = {**setups, LOOP: Setup(LOOP, SchedulingPolicy(aging_us=0), 0, 1, 1, Empirical({1: [ms]}))}
+            names = {d.name for d in looped}
+            demands = [replace(d, calls={LOOP: 1, d.name: 1}) if d.name in names else d for d in demands]
+        part = Workload(demands)
+        seconds, rough = self._seconds(part, setups)
         background = spec.busy_cores + beds * spec.stream_cores_per_bed
         result = evaluate(
-            part, self.setups, self.packings[kind], 1, spec.cores, seconds, background, spec.seed, spec.wake_ms
+            part, setups, self.packings[kind], 1, spec.cores, seconds, background, spec.seed, spec.wake_ms
         )
         busy = background + sum(
-            u * self.setups[m].instances * min(float(self.setups[m].threads), spec.cores)
-            for m, u in result.utilisation.items()
+            u * setups[m].instances * min(float(setups[m].threads), spec.cores) for m, u in result.utilisation.items()
         )
         return BoxResult(beds, factor, background, seconds, rough, result, busy)
 
-    def _seconds(self, part: Workload) -> tuple[float, bool]:
+    def _seconds(self, part: Workload, setups: dict[str, Setup]) -> tuple[float, bool]:
         """Long enough for min_samples requests at the rarest judged level, within max_events
         arrivals in all and max_seconds."""
         judged = []
         for d in part.demands:
-            levels = d.priorities or {self.setups[m].policy.default_priority: 1.0 for m in (d.calls or {d.name: 1})}
+            levels = d.priorities or {setups[m].policy.default_priority: 1.0 for m in (d.calls or {d.name: 1})}
             judged += [d.rate * f for level, f in levels.items() if d.rate * f > 0 and d.target(level) is not None]
-        arrivals = sum(s.rate for ss in streams(part, self.setups).values() for s in ss)
+        arrivals = sum(s.rate for ss in streams(part, setups).values() for s in ss)
         if not judged or arrivals <= 0:
             return MIN_SECONDS, False
         wanted = self.spec.min_samples / min(judged)
