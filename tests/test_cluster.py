@@ -74,6 +74,7 @@ def url(cluster_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 "cluster.address": f"127.0.0.1:{port}",
                 "cluster.http_port": http_port,
                 "cluster.grpc_port": grpc_port,
+                "security.insecure": True,  # Ray's gRPC proxy listens on every interface: a closed test network
                 "cluster.upscale_delay_s": 1.0,
                 "cluster.downscale_delay_s": 3.0,
                 "cluster.deploy_timeout_s": 240.0,
@@ -89,6 +90,15 @@ def url(cluster_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         if ray.is_initialized():
             ray.shutdown()
         _ray("stop", "--force")
+
+
+def test_the_cluster_door_follows_the_box_rule():
+    with pytest.raises(cluster.DeployError, match="gRPC proxy listens on every interface"):
+        cluster.check_security(DEFAULTS.replace({"cluster.grpc_port": 9001}))
+    with pytest.raises(cluster.DeployError, match="without TLS and authentication"):
+        cluster.check_security(DEFAULTS.replace({"cluster.host": "0.0.0.0"}))
+    cluster.check_security(DEFAULTS)  # loopback, no gRPC: nothing to refuse
+    cluster.check_security(DEFAULTS.replace({"cluster.host": "0.0.0.0", "security.insecure": True}))
 
 
 def _exchange(address: str, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes, dict[str, str]]:

@@ -74,6 +74,10 @@ def up(
     settings = _settings(address, {"cluster.http_port": port})
     if detach and not settings.cluster.address:
         fail("--detach needs --address: a Ray instance started here ends with this command", 2)
+    try:
+        cluster.check_security(settings)  # a refused configuration is the user's to fix: exit 2, before Ray starts
+    except cluster.DeployError as exc:
+        fail(str(exc), 2)
     folder = _repository(repository)
     console.print(
         f"deploying {escape(folder.name)} on Ray Serve ({settings.cluster.address or 'a Ray instance of this process'})"

@@ -20,6 +20,7 @@ from bedside.cluster.autoscale import QueueDelayPolicy
 from bedside.cluster.front import APP_NAME, FRONT, Front
 from bedside.cluster.plan import Placement, plan
 from bedside.cluster.replica import ModelReplica
+from bedside.server.run import is_loopback
 from bedside.settings import DEFAULTS, Settings
 
 log = logging.getLogger("bedside.cluster")
@@ -81,19 +82,52 @@ def builder(args: dict[str, Any]) -> Application:
 def start(repository: Path, settings: Settings = DEFAULTS) -> None:
     """Join (or start) Ray, start Serve's proxy on the cluster's ports and deploy the repository."""
     cluster = settings.cluster
+    check_security(settings)
     if not ray.is_initialized():
         ray.init(address=cluster.address or None, include_dashboard=False, log_to_driver=False)
     grpc = None
     if cluster.grpc_port >= 0:
         grpc = gRPCOptions(port=cluster.grpc_port, grpc_servicer_functions=[GRPC_SERVICE])
-    serve.start(http_options=HTTPOptions(host=cluster.host, port=cluster.http_port), grpc_options=grpc)
+    security = settings.security
+    http = HTTPOptions(
+        host=cluster.host,
+        port=cluster.http_port,
+        ssl_certfile=_path(security.tls_cert),
+        ssl_keyfile=_path(security.tls_key),
+        ssl_ca_certs=_path(security.tls_client_ca),
+    )
+    serve.start(http_options=http, grpc_options=grpc)
     target = serve.RunTarget(build(repository, settings), name=APP_NAME, route_prefix="/")
     serve.run_many([target], wait_for_applications_running=False)
     wait_running(cluster.deploy_timeout_s)
 
 
 class DeployError(Exception):
-    """The application did not come up; the message names each deployment that did not, and why."""
+    """The application did not come up, or may not as configured; the message says why."""
+
+
+def check_security(settings: Settings) -> None:
+    """The box's rule at the cluster's door: nothing beyond loopback without TLS and authentication,
+    unless security.insecure says so. Ray Serve's gRPC proxy always listens on every interface
+    without TLS, so it is only for a closed cluster network (security.insecure)."""
+    cluster, security = settings.cluster, settings.security
+    tls = bool(security.tls_cert and security.tls_key)
+    if security.insecure:
+        return
+    if not is_loopback(cluster.host) and not (tls and security.auth):
+        raise DeployError(
+            f"Ray Serve's HTTP proxy would listen on {cluster.host} without TLS and authentication: give "
+            "security.tls_cert, security.tls_key and security.auth, or security.insecure to accept that risk"
+        )
+    if cluster.grpc_port >= 0:
+        raise DeployError(
+            "Ray Serve's gRPC proxy listens on every interface without TLS (it offers neither a host nor TLS): "
+            "set cluster.grpc_port=-1, or security.insecure=true on a closed cluster network"
+        )
+
+
+def _path(setting: str) -> str | None:
+    return str(Path(setting).expanduser()) if setting else None
 
 
 def wait_running(timeout_s: float) -> None:

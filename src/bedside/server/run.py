@@ -86,7 +86,7 @@ def check_ports(settings: Settings) -> None:
         _bind(host, port, what).close()
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -114,9 +114,9 @@ def check_security(settings: Settings) -> None:
     except (TLSConfigError, CallersError) as exc:
         raise StartupError(str(exc)) from None
     mllp_host = streams.mllp_host or server.host
-    mllp_open = streams.enabled and streams.mllp_port >= 0 and not _loopback(mllp_host)
+    mllp_open = streams.enabled and streams.mllp_port >= 0 and not is_loopback(mllp_host)
     open_ports = []
-    if not _loopback(server.host) and not (tls and security.auth):
+    if not is_loopback(server.host) and not (tls and security.auth):
         open_ports.append("HTTP and gRPC")
     if mllp_open and not (tls and security.mllp_tls and security.auth):
         open_ports.append("HL7 MLLP")

@@ -14,11 +14,19 @@ from bedside.settings.fields import option
 @dataclass(frozen=True)
 class ClusterSettings:
     address: str = option("", "Ray cluster to join (ray://HOST:PORT or auto); empty: a Ray instance of this process")
-    host: str = option("127.0.0.1", "interface of the Ray proxy's HTTP and gRPC listeners")
+    host: str = option(
+        "127.0.0.1", "interface of Ray Serve's HTTP proxy (beyond loopback: security.tls_* and auth, as a box)"
+    )
     http_port: int = option(
         8000, "OIP v2 REST port at the Ray proxy (the box's default: clients do not change)", 1, 65535
     )
-    grpc_port: int = option(8001, "OIP v2 gRPC port at the Ray proxy; -1: no gRPC", -1, 65535)
+    grpc_port: int = option(
+        -1,
+        "OIP v2 gRPC port at Ray Serve's gRPC proxy, which listens on every interface without TLS "
+        "(Ray offers neither): needs security.insecure, for a closed cluster network; -1: no gRPC",
+        -1,
+        65535,
+    )
     min_replicas: int = option(1, "replicas a model keeps at least, unless its [cluster] says otherwise", 0, 1024)
     max_replicas: int = option(2, "replicas a model may scale up to, unless its [cluster] says otherwise", 1, 1024)
     target_queue_ms: float = option(
