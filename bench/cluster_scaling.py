@@ -56,12 +56,17 @@ def main() -> None:
     parser.add_argument(
         "--throughput-optimized",
         action="store_true",
-        help="Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode (user code on the replica's loop, gRPC between "
-        "deployments), keeping its HTTP proxy (direct ingress off: clients keep one port)",
+        help="Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode: user code on the replica's loop, gRPC between "
+        "deployments, and direct ingress (the front's replica listens itself: no proxy hop)",
     )
     args = parse_args(parser, seconds=1.0)
+    direct = free_port()
     if args.throughput_optimized:  # read by Ray when it is imported, in this process and the ones it starts
-        os.environ.update(RAY_SERVE_THROUGHPUT_OPTIMIZED="1", RAY_SERVE_ENABLE_DIRECT_INGRESS="0")
+        os.environ.update(
+            RAY_SERVE_THROUGHPUT_OPTIMIZED="1",
+            RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(direct),  # the one front replica takes this port
+            RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(direct + 1),
+        )
     require("ray")
     import ray
     from sklearn.datasets import load_breast_cancer
@@ -80,23 +85,21 @@ def main() -> None:
         say(f"cluster_scaling: bedside alone, {args.seconds:g} s at c=1 and c=16...")
         with server(repo) as (_, port):
             rows += [{"case": "bedside alone", "replicas": "-", **r} for r in measure(port, request, args.seconds)]
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            for replicas in (1, 2):
+        for replicas in (1, 2):  # each round in a fresh Ray instance: nothing of the last one lingers
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            try:
                 config.write_text(plain + f"\n[cluster]\nmin_replicas = {replicas}\nmax_replicas = {replicas}\n")
                 port = free_port()
                 settings = DEFAULTS.replace({"cluster.http_port": port, "streams.state_dir": str(Path(tmp) / "s")})
                 say(f"cluster_scaling: Ray Serve, {replicas} replica(s), deploying...")
                 cluster.start(repo, settings)
                 say(f"cluster_scaling: Ray Serve, {replicas} replica(s), {args.seconds:g} s at c=1 and c=16...")
-                mode = " (throughput-optimized)" if args.throughput_optimized else ""
-                case = {"case": f"Ray Serve proxy -> front -> replica{mode}", "replicas": replicas}
-                rows += [{**case, **r} for r in measure(port, request, args.seconds)]
-                from ray import serve
-
-                serve.shutdown()  # the proxy's port goes with it: the next round starts clean
-        finally:
-            ray.shutdown()
+                path = "front (direct ingress) -> replica" if args.throughput_optimized else "proxy -> front -> replica"
+                case = {"case": f"Ray Serve {path}", "replicas": replicas}
+                target = direct if args.throughput_optimized else port
+                rows += [{**case, **r} for r in measure(target, request, args.seconds)]
+            finally:
+                ray.shutdown()
     alone = {r["concurrency"]: r for r in rows if r["case"] == "bedside alone"}
     one = {r["concurrency"]: r for r in rows if r["replicas"] == 1}
     two = {r["concurrency"]: r for r in rows if r["replicas"] == 2}
