@@ -1,5 +1,4 @@
-"""How many boxes a 500-bed hospital needs: measured per-model costs, a simulation per box, and a
-served check of the answer.
+"""How many boxes a 500-bed hospital needs: measured costs, a simulation per box, a served check.
 
     python bench/cluster_sizing.py [--workload bench/workloads/hospital500.toml] [--cores 2] [--quick]
 
@@ -9,24 +8,27 @@ served check of the answer.
    (needs torch; without it the imaging share is left out, and the output says so).
 2. Costs: measured as `bedside plan` measures them (planning/profile.py: memory, latency per batch
    size, the extra after idle), in this process, on this box.
-3. Stream CPU per bed: what a ward box spends per bed outside the models (ECG WebSocket frames,
-   windowing and R-peak detection, the vitals scorer's rules, HL7 ingest). A real `bedside serve`
-   of the ward models with HL7 on, and `bedside replay` streaming --served-beds beds (12-lead ECG at
-   250 Hz in 0.2 s chunks, HL7 vitals every 15 s) from its own process on the same cores; the
-   server's CPU (its process and the HL7 ingest process) less the models' compute, per bed, over
-   15 s of steady streaming.
+3. The streams' costs outside the models, on a served ward box: a real `bedside serve` of the ward
+   models with HL7 on, and a load generator (`bedside.tools.replay`, its own process, on the same
+   cores) streaming --served-beds beds (12-lead ECG at 250 Hz in 0.2 s chunks, HL7 vitals every
+   15 s); over 15 s of steady streaming, the server process's CPU less the models' (their
+   executions by batch size times the measured cost) is its event loop: a line through the runs
+   gives its fixed cores and its ms per ECG window. The HL7 ingest process's CPU per bed is the rest.
 4. Sizing (planning/cluster.py): a ward box serves whole wards (ECG and vitals of its beds), central
    boxes serve imaging and the medication check. Each box is simulated with bedside's own queues
-   and the measured costs, the stream CPU as background load; the fewest boxes whose busiest box
-   meets every p99 target, N+1 (one box lost, its wards moved to the others, still meets), and the
-   headroom: how much more load the busiest box carries before a target is first missed.
+   and the measured costs, the event loop as a queue of its own in front of the ECG model; the
+   fewest boxes whose busiest box meets every p99 target, N+1 (one box lost, its wards moved to the
+   others, still meets), and the headroom: how much more load the busiest box carries before a
+   target is first missed.
 5. Served check: the ward box of the answer (the most beds a box holds, one box lost included)
-   served for real on this box, its ECG window->score p99 read from the server; if it misses the
-   target the simulation was optimistic, and the next count is checked (at most 3).
+   served for real on this box, its ECG window->score p99 as the server measures it; if it misses
+   the target the simulation was optimistic, and the next count is checked (at most 3); a miss
+   while other processes kept the box busy is inconclusive, measured again (3 tries), and said so.
 
 Prints the tables and the answer (also as markdown); writes bench/results/cluster_sizing.json and
-cluster_sizing.md. --quick: fewer timed runs, shorter simulations, no served steps (the stream CPU
-is then not counted: inference alone), well under a minute.
+cluster_sizing.md. --cores N sizes boxes of N cores (the costs stay this box's); --streams-from FILE
+reuses an earlier run's streams' costs. --quick: fewer timed runs, shorter simulations, no served
+steps (the streams' costs are then not counted: inference alone, optimistic), about 15 s.
 """
 
 from __future__ import annotations
@@ -98,7 +100,10 @@ def build_repo(root: Path, demo: Path) -> list[str]:
     missing: list[str] = []
     for name in DEMO:
         if not (demo / name).is_dir():
-            raise RuntimeError(f"the demo repository has no {name}: rebuild it with `bedside demo --force`")
+            raise RuntimeError(
+                f"the demo repository has no {name}: rebuild it with `bedside demo --force` "
+                "(ecg_rhythm needs torch: the pipeline extra)"
+            )
         shutil.copytree(demo / name, root / name)
     try:
         import tomllib
@@ -415,8 +420,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="timed runs per model and batch size")
     parser.add_argument("--served-beds", default="50,250", help="beds streamed to measure the streams' costs")
     parser.add_argument("--served", type=int, default=1, help="1: measure the streams' costs, check the answer served")
+    parser.add_argument(
+        "--streams-from", type=Path, default=None, help="the streams' costs of an earlier run (its JSON), not measured"
+    )
     parser.add_argument("--min-samples", type=int, default=200, help="simulated requests per judged level")
-    parser.add_argument("--max-events", type=int, default=100_000, help="simulated arrivals per box at most")
+    parser.add_argument("--max-events", type=int, default=200_000, help="simulated arrivals per box at most")
     parser.add_argument("--headroom-precision", type=float, default=0.05, help="of the headroom factor")
     parser.add_argument("--seed", type=int, default=0)
     args = parse_args(parser, runs=10, served=0, min_samples=40, max_events=15_000, headroom_precision=0.25)
@@ -456,7 +464,10 @@ def main() -> None:
             shutil.copytree(repo / name, ward_repo / name)
         costs = {m: profile.models[m] for m in WARD_MODELS}
         streams = {"loop_ms": 0.0, "loop_cores": 0.0, "ingest_cores_per_bed": 0.0}
-        if args.served:
+        if args.streams_from is not None:
+            streams = {k: float(v) for k, v in json.loads(args.streams_from.read_text())["streams"].items()}
+            notes.append(f"the streams' costs of an earlier run ({args.streams_from.name}), not measured again")
+        elif args.served:
             say(
                 "what the streams cost outside the models, on a served ward box (the load generator on the same cores):"
             )
