@@ -67,7 +67,7 @@ class BoxSpec:
     seed: int = 0
     min_samples: int = 200  # simulated requests aimed at per judged level (one with a target)
     max_events: int = 100_000  # simulated arrivals per box at most; fewer samples are flagged rough
-    max_seconds: float = 100_000.0
+    max_seconds: float = 100_000.0  # simulated seconds at most: rare requests (imaging, 0.02/s) need hours
 
 
 @dataclass
