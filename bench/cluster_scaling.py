@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (  # first: from here on a Ctrl-C ends the script without a traceback
@@ -29,6 +30,7 @@ from _common import (  # first: from here on a Ctrl-C ends the script without a 
     main_guard,
     parse_args,
     require,
+    run_loads,
     say,
     sequential,
     server,
@@ -41,6 +43,18 @@ from _common import (  # first: from here on a Ctrl-C ends the script without a 
 import orjson
 
 MODEL = "breast_mass_malignancy"
+
+
+def stat_under_load(port: int, routine: bytes, stat: bytes, seconds: float) -> list[dict[str, Any]]:
+    """STAT requests (20/s, one connection) while 48 connections of routine ones saturate the model:
+    more than one replica takes at once, so routine work waits, and STAT should not."""
+    idle = {"load": "STAT alone", **sequential(port, stat, min(seconds, 2.0), warmup=50)}
+    (routine_out, stat_out), wall = run_loads(port, [(routine, 48, 0.0), (stat, 1, 0.05)], seconds)
+    rows = [idle]
+    for name, outcomes in (("STAT beside 48 routine", stat_out), ("routine (48 connections)", routine_out)):
+        ok = [o.latency for o in outcomes if o.status == 200]
+        rows.append({"load": name, **summarize(ok, wall), "refused": len(outcomes) - len(ok)})
+    return rows
 
 
 def measure(port: int, request: bytes, seconds: float) -> list[dict[str, float]]:
@@ -77,7 +91,11 @@ def main() -> None:
     x = load_breast_cancer().data[:1].ravel().tolist()
     body = orjson.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, 30], "data": x}]})
     request = http_request(f"/v2/models/{MODEL}/infer", body, {"Content-Type": "application/json"})
+    path = f"/v2/models/{MODEL}/infer"
+    stat = http_request(path, body, {"Content-Type": "application/json", "X-Bedside-Priority": "stat"})
+    routine = http_request(path, body, {"Content-Type": "application/json", "X-Bedside-Priority": "routine"})
     rows = []
+    priority_rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         repo = demo_repo(Path(tmp) / "repo", MODEL)
         config = repo / MODEL / "config.toml"
@@ -85,6 +103,10 @@ def main() -> None:
         say(f"cluster_scaling: bedside alone, {args.seconds:g} s at c=1 and c=16...")
         with server(repo) as (_, port):
             rows += [{"case": "bedside alone", "replicas": "-", **r} for r in measure(port, request, args.seconds)]
+            say(f"cluster_scaling: bedside alone, STAT beside saturating routine work, {args.seconds:g} s...")
+            priority_rows += [
+                {"case": "bedside alone", **r} for r in stat_under_load(port, routine, stat, args.seconds)
+            ]
         for replicas in (1, 2):  # each round in a fresh Ray instance: nothing of the last one lingers
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             try:
@@ -98,6 +120,11 @@ def main() -> None:
                 case = {"case": f"Ray Serve {path}", "replicas": replicas}
                 target = direct if args.throughput_optimized else port
                 rows += [{**case, **r} for r in measure(target, request, args.seconds)]
+                if replicas == 1:
+                    say(f"cluster_scaling: Ray Serve, STAT beside saturating routine work, {args.seconds:g} s...")
+                    priority_rows += [
+                        {"case": case["case"], **r} for r in stat_under_load(target, routine, stat, args.seconds)
+                    ]
             finally:
                 ray.shutdown()
     alone = {r["concurrency"]: r for r in rows if r["case"] == "bedside alone"}
@@ -113,9 +140,15 @@ def main() -> None:
         rows,
         ["case", "replicas", "concurrency", "n", "p50_ms", "p99_ms", "throughput_rps"],
     )
+    table(
+        "STAT beside routine work that saturates the model (1 replica in the cluster)",
+        priority_rows,
+        ["case", "load", "n", "p50_ms", "p99_ms", "throughput_rps", "refused"],
+    )
     say(f"cluster_scaling: {figures}")
     name = "cluster_scaling_optimized" if args.throughput_optimized else "cluster_scaling"
     doc = {"model": MODEL, "throughput_optimized": args.throughput_optimized, "rows": rows, "figures": figures}
+    doc["stat_under_load"] = priority_rows
     write_results(name, {**doc, "machine": machine()})
 
 
