@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bedside.errors import BedsideError, InvalidInput
+from bedside.graphs.loaded import graph_names
 from bedside.graphs.spec import load_graph_spec
 from bedside.modelconfig.cluster import ClusterSpec
 from bedside.modelconfig.model import GRAPH_FILE
@@ -68,8 +69,7 @@ def plan(repository: Path, settings: ClusterSettings) -> list[Placement]:
         policy = config.scheduling if config is not None else _DEFAULT_POLICY
         spec = config.cluster if config is not None else None
         placements.append(_placement(repository, name, MODEL, (name,), spec, policy, settings))
-    graphs = sorted(p.name for p in repository.iterdir() if (p / GRAPH_FILE).is_file()) if repository.is_dir() else []
-    for name in graphs:
+    for name in graph_names(repository):
         try:
             graph = load_graph_spec(repository / name / GRAPH_FILE, name)
         except BedsideError as exc:

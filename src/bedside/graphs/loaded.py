@@ -28,6 +28,14 @@ def is_graph_folder(folder: Path) -> bool:
     return (folder / GRAPH_FILE).is_file()
 
 
+def graph_names(root: Path, only: frozenset[str] | None = None) -> list[str]:
+    """The graphs of a repository folder, by name (`only`: those among them; None: all)."""
+    if not root.is_dir():
+        return []
+    found = (p.name for p in root.iterdir() if not p.name.startswith(".") and is_graph_folder(p))
+    return sorted(name for name in found if only is None or name in only)
+
+
 @dataclass
 class GraphEntry:
     name: str
@@ -59,10 +67,7 @@ class GraphSet:
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        found = (p.name for p in self.root.iterdir() if not p.name.startswith(".") and is_graph_folder(p))
-        return sorted(name for name in found if self.only is None or name in self.only)
+        return graph_names(self.root, self.only)
 
     def is_graph(self, name: str) -> bool:
         if name in self._entries:

@@ -30,9 +30,6 @@ class HTTPAnswer:
     headers: Headers
     body: bytes
 
-    def header(self, name: bytes) -> bytes | None:
-        return next((v for k, v in self.headers if k == name), None)
-
 
 async def call_app(app: Any, call: HTTPCall, client: tuple[str, int] = ("127.0.0.1", 0)) -> HTTPAnswer:
     """Run an ASGI app on one exchange. The body arrives in one message; a later receive waits
